@@ -1,0 +1,3 @@
+from sftools.cli.main import main
+
+main()

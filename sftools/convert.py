@@ -1,0 +1,104 @@
+"""`sftools convert`: any supported checkpoint to safetensors, in the original or diffusers layout."""
+
+from __future__ import annotations
+
+import json
+import os
+from collections import Counter
+
+import torch
+
+from sftools import __version__
+from sftools.errors import SftoolsError
+from sftools.io.lazy import Checkpoint, LazyTensor
+from sftools.io.output import parse_size, write_file, write_sharded
+from sftools.io.safetensors_io import PlannedTensor
+from sftools.io.sources import open_checkpoint
+from sftools.wan.config import WanConfig, diffusers_config
+from sftools.wan.detect import describe
+from sftools.wan.layouts import to_layout, unwrap
+
+DTYPES = {"keep": None, "fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+CASTABLE = (torch.float64, torch.float32, torch.float16, torch.bfloat16)
+
+
+def load_model(src: str, select: str | None = None, layout: str | None = None) -> Checkpoint:
+    """Open `src`, unwrap training wrappers, and rename to `layout` when given."""
+    ckpt = unwrap(open_checkpoint(src), select)
+    if not ckpt.tensors:
+        raise SftoolsError(f"{src}: holds no tensors")
+    return to_layout(ckpt, layout) if layout else ckpt
+
+
+def stored_config(ckpt: Checkpoint) -> WanConfig | None:
+    """The exact config when the file carries one (sftools-written tiny models do)."""
+    text = ckpt.metadata.get("sftools.config")
+    return WanConfig.from_json(text) if text else None
+
+
+def cast_plan(ckpt: Checkpoint, dtype: str) -> list[PlannedTensor]:
+    """One planned tensor per lazy tensor, cast to `dtype` where it is a float of 16 bits or more."""
+    if dtype not in DTYPES:
+        raise SftoolsError(f"dtype {dtype!r} is not one of {', '.join(DTYPES)}")
+    target = DTYPES[dtype]
+    return [_planned(name, t, target if target and t.dtype in CASTABLE else t.dtype) for name, t in ckpt.tensors.items()]
+
+
+def _planned(name: str, t: LazyTensor, dtype: torch.dtype) -> PlannedTensor:
+    return PlannedTensor(name, dtype, t.shape, lambda: t.load().to(dtype))
+
+
+def convert(
+    src: str,
+    dst: str,
+    select: str | None = None,
+    layout: str = "original",
+    dtype: str = "keep",
+    max_shard_size: str | None = None,
+) -> dict:
+    """Convert `src` to `dst` and return a report; the output is read back and compared before it
+    is renamed into place."""
+    ckpt = load_model(src, select, layout)
+    planned = cast_plan(ckpt, dtype)
+    config = stored_config(ckpt)
+    description = describe({n: t.shape for n, t in ckpt.tensors.items()}, config.num_heads if config else None)
+    metadata = {
+        **{k: v for k, v in ckpt.metadata.items() if k.startswith("sftools.")},
+        "format": "pt",
+        "sftools.version": __version__,
+        "sftools.source": os.path.basename(os.path.normpath(src)),
+        "sftools.source_format": ckpt.format,
+        "sftools.layout": layout,
+    }
+    shared = _shared_storage_count(ckpt)
+    notes = list(ckpt.notes)
+    if shared:
+        notes.append(f"{shared} tensors share storage with another (views or tied weights); each is written with its own bytes")
+    to_folder = os.path.isdir(dst) or dst.endswith(os.sep) or (max_shard_size and not dst.endswith(".safetensors"))
+    if max_shard_size and not to_folder:
+        raise SftoolsError(f"{dst}: --max-shard-size needs a folder as the destination")
+    if to_folder:
+        extra = {}
+        if layout == "diffusers" and description.config is not None:
+            extra["config.json"] = json.dumps(diffusers_config(config or description.config), indent=2)
+        files = write_sharded(dst, planned, metadata, parse_size(max_shard_size or "5GB"), extra, desc="converting")
+    else:
+        write_file(dst, planned, metadata, desc="converting")
+        files = [os.path.basename(dst)]
+    return {
+        "source": src,
+        "source_format": ckpt.format,
+        "destination": dst,
+        "files": files,
+        "layout": layout,
+        "model": description.title,
+        "tensors": len(planned),
+        "bytes": sum(t.nbytes for t in planned),
+        "dtypes": dict(Counter(str(t.dtype).removeprefix("torch.") for t in planned)),
+        "notes": notes,
+    }
+
+
+def _shared_storage_count(ckpt: Checkpoint) -> int:
+    keys = Counter(t.storage[0] for t in ckpt.tensors.values() if t.storage and ckpt.format.startswith("torch"))
+    return sum(n for n in keys.values() if n > 1)

@@ -1,0 +1,14 @@
+"""The one exception type users see.
+
+Every refusal (an unsafe pickle, a corrupt file, mismatched shapes, an unknown layout) is raised as
+`SftoolsError` with a one-line message that names the file, tensor or key. The CLI prints that line
+and exits 1; anything else escaping is a bug, not a user mistake.
+"""
+
+
+class SftoolsError(Exception):
+    """A refusal or failure explained in one line."""
+
+
+class UnsafeCheckpoint(SftoolsError):
+    """The file holds something that only code execution could rebuild; nothing of it was run."""

@@ -1,0 +1,191 @@
+"""Reading safetensors lazily and writing them as a stream.
+
+Reading uses safetensors' own `safe_open` with the `pread` backend: each tensor is read into memory
+we own and freed after use, where the default mmap backend would keep every page it touched mapped
+(resident) until the file is closed.
+
+Writing is by hand because `safetensors.torch.save_file` needs every tensor in memory at once. The
+format is simple (an 8-byte little-endian header length, a JSON header, then the bytes), so the
+writer computes the whole header from dtypes and shapes first, then asks for one tensor at a time.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import struct
+import zlib
+from dataclasses import dataclass
+from typing import Callable, Iterable
+
+import torch
+from safetensors import safe_open
+
+from sftools.errors import SftoolsError
+from sftools.io.lazy import Checkpoint, LazyTensor
+
+# The safetensors names of the torch dtypes it can store (safetensors/src/tensor.rs `Dtype`).
+ST_DTYPES: dict[torch.dtype, str] = {
+    torch.float64: "F64", torch.float32: "F32", torch.float16: "F16", torch.bfloat16: "BF16",
+    torch.int64: "I64", torch.int32: "I32", torch.int16: "I16", torch.int8: "I8", torch.uint8: "U8",
+    torch.bool: "BOOL", torch.complex64: "C64", torch.uint16: "U16", torch.uint32: "U32",
+    torch.uint64: "U64", torch.float8_e4m3fn: "F8_E4M3", torch.float8_e5m2: "F8_E5M2",
+}
+if hasattr(torch, "float8_e8m0fnu"):
+    ST_DTYPES[torch.float8_e8m0fnu] = "F8_E8M0"
+TORCH_DTYPES = {v: k for k, v in ST_DTYPES.items()}
+MAX_HEADER = 100_000_000  # the limit safetensors itself enforces
+
+
+@dataclass(frozen=True)
+class PlannedTensor:
+    """One tensor of an output file: its final name, dtype and shape, and how to produce it."""
+
+    name: str
+    dtype: torch.dtype
+    shape: tuple[int, ...]
+    produce: Callable[[], torch.Tensor]
+
+    @property
+    def nbytes(self) -> int:
+        n = self.dtype.itemsize
+        for s in self.shape:
+            n *= s
+        return n
+
+
+def read_safetensors(path: str) -> Checkpoint:
+    """A checkpoint of lazy tensors from one `.safetensors` file."""
+    header, _ = read_header(path)
+    metadata = header.pop("__metadata__", None) or {}
+    handle = safe_open(path, framework="pt", backend="pread")
+    tensors = {}
+    for name, info in header.items():
+        dtype = TORCH_DTYPES.get(info["dtype"])
+        if dtype is None:
+            raise SftoolsError(f"{path}: tensor {name} has dtype {info['dtype']}, which sftools cannot read")
+        tensors[name] = LazyTensor(dtype, tuple(info["shape"]), _getter(handle, name), storage=(path, name))
+    return Checkpoint(path, "safetensors", tensors, metadata=dict(metadata))
+
+
+def _getter(handle, name: str) -> Callable[[], torch.Tensor]:
+    return lambda: handle.get_tensor(name)
+
+
+def read_header(path: str) -> tuple[dict, int]:
+    """The JSON header and the offset where tensor bytes start, with the format's own checks."""
+    try:
+        size = os.path.getsize(path)
+        with open(path, "rb") as f:
+            raw = f.read(8)
+            if len(raw) != 8:
+                raise SftoolsError(f"{path}: not a safetensors file (shorter than 8 bytes)")
+            (n,) = struct.unpack("<Q", raw)
+            if n > MAX_HEADER or 8 + n > size:
+                raise SftoolsError(f"{path}: not a safetensors file (header length {n} is impossible)")
+            header = json.loads(f.read(n))
+    except (UnicodeDecodeError, json.JSONDecodeError):
+        raise SftoolsError(f"{path}: not a safetensors file (header is not JSON)") from None
+    except OSError as exc:
+        raise SftoolsError(f"{path}: {exc.strerror or exc}") from None
+    if not isinstance(header, dict):
+        raise SftoolsError(f"{path}: not a safetensors file (header is not an object)")
+    _check_layout(path, header, size - 8 - n)
+    return header, 8 + n
+
+
+def _check_layout(path: str, header: dict, data_len: int) -> None:
+    spans = []
+    for name, info in header.items():
+        if name == "__metadata__":
+            continue
+        try:
+            begin, end = info["data_offsets"]
+            nbytes = TORCH_DTYPES[info["dtype"]].itemsize
+            for s in info["shape"]:
+                nbytes *= s
+        except (KeyError, TypeError, ValueError):
+            raise SftoolsError(f"{path}: tensor {name} has a malformed header entry") from None
+        if end - begin != nbytes:
+            raise SftoolsError(f"{path}: tensor {name} spans {end - begin} bytes, its shape needs {nbytes}")
+        spans.append((begin, end, name))
+    at = 0
+    for begin, end, name in sorted(spans):
+        if begin != at:
+            raise SftoolsError(f"{path}: tensor {name} does not follow the previous one (offset {begin}, expected {at})")
+        at = end
+    if at != data_len:
+        raise SftoolsError(f"{path}: file holds {data_len} data bytes, header describes {at} (truncated?)")
+
+
+def plan_order(tensors: Iterable[PlannedTensor]) -> list[PlannedTensor]:
+    """Largest element size first, then by name, as safetensors orders files, so every tensor is aligned."""
+    return sorted(tensors, key=lambda t: (-t.dtype.itemsize, t.name))
+
+
+def build_header(tensors: list[PlannedTensor], metadata: dict[str, str]) -> bytes:
+    header: dict = {"__metadata__": {str(k): str(v) for k, v in metadata.items()}} if metadata else {}
+    offset = 0
+    for t in tensors:
+        if t.dtype not in ST_DTYPES:
+            raise SftoolsError(f"tensor {t.name} has dtype {t.dtype}, which safetensors cannot store")
+        if t.name == "__metadata__" or t.name in header:
+            raise SftoolsError(f"tensor name {t.name!r} is reserved or repeated")
+        header[t.name] = {"dtype": ST_DTYPES[t.dtype], "shape": list(t.shape), "data_offsets": [offset, offset + t.nbytes]}
+        offset += t.nbytes
+    raw = json.dumps(header, separators=(",", ":"), ensure_ascii=False).encode("utf-8")
+    return raw + b" " * (-len(raw) % 8)
+
+
+def write_safetensors(
+    path: str,
+    tensors: list[PlannedTensor],
+    metadata: dict[str, str] | None = None,
+    on_tensor: Callable[[PlannedTensor], None] | None = None,
+) -> dict[str, int]:
+    """Stream `tensors` (already in file order) into `path`; returns a CRC32 of each tensor's bytes.
+
+    The caller owns atomicity (write to a temporary name, rename on success).
+    """
+    header = build_header(tensors, metadata or {})
+    crcs: dict[str, int] = {}
+    with open(path, "wb") as f:
+        f.write(struct.pack("<Q", len(header)))
+        f.write(header)
+        for t in tensors:
+            value = t.produce()
+            if value.dtype != t.dtype or tuple(value.shape) != t.shape:
+                raise SftoolsError(
+                    f"tensor {t.name}: produced {value.dtype} {tuple(value.shape)}, planned {t.dtype} {t.shape}"
+                )
+            data = tensor_bytes(value)
+            crcs[t.name] = zlib.crc32(data)
+            f.write(data)
+            del value, data
+            if on_tensor:
+                on_tensor(t)
+    return crcs
+
+
+def tensor_bytes(t: torch.Tensor) -> memoryview:
+    """The little-endian bytes of a CPU tensor, without a copy when it is already contiguous."""
+    flat = t.detach().to("cpu").contiguous().reshape(-1)
+    if flat.numel() == 0:
+        return memoryview(b"")
+    return memoryview(flat.view(torch.uint8).numpy()).cast("B")
+
+
+def verify_safetensors(path: str, crcs: dict[str, int]) -> None:
+    """Read `path` back with safetensors' own reader and compare every tensor's bytes."""
+    try:
+        with safe_open(path, framework="pt", backend="pread") as f:
+            names = set(f.keys())
+            if names != set(crcs):
+                raise SftoolsError(f"{path}: read back {len(names)} tensors, wrote {len(crcs)}")
+            for name in crcs:
+                if zlib.crc32(tensor_bytes(f.get_tensor(name))) != crcs[name]:
+                    raise SftoolsError(f"{path}: tensor {name} reads back different bytes")
+    except SftoolsError:
+        raise
+    except Exception as exc:  # safetensors raises its own error types for malformed files
+        raise SftoolsError(f"{path}: safetensors cannot read the written file back: {exc}") from None

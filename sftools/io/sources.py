@@ -1,0 +1,79 @@
+"""One entry point for every weight source a command accepts.
+
+A `.safetensors` file, a sharded folder or its `*.safetensors.index.json`, a diffusers model or
+pipeline folder, or a pickled checkpoint (read by the symbolic reader, never by `torch.load`).
+"""
+
+from __future__ import annotations
+
+import glob
+import json
+import os
+
+from sftools.errors import SftoolsError
+from sftools.io.lazy import Checkpoint
+from sftools.io.safetensors_io import read_safetensors
+from sftools.io.torch_pickle import read_pickle_checkpoint
+
+PICKLE_SUFFIXES = (".pt", ".pth", ".ckpt", ".bin", ".pkl", ".pickle")
+
+
+def open_checkpoint(path: str) -> Checkpoint:
+    """Lazy tensors from any supported source; a one-line `SftoolsError` for anything else."""
+    if not os.path.exists(path):
+        raise SftoolsError(f"{path}: no such file or folder")
+    if os.path.isdir(path):
+        return _read_folder(path)
+    if path.endswith(".index.json"):
+        return _read_index(path)
+    if path.endswith(".safetensors") or path.endswith(".sft"):
+        return read_safetensors(path)
+    with open(path, "rb") as f:
+        head = f.read(8)
+    if path.endswith(PICKLE_SUFFIXES) or head[:2] in (b"PK", b"\x80\x02"):
+        return read_pickle_checkpoint(path)
+    # Sniff a safetensors header for files without the usual suffix.
+    return read_safetensors(path)
+
+
+def _read_folder(path: str) -> Checkpoint:
+    transformer = os.path.join(path, "transformer")
+    if os.path.isdir(transformer) and not glob.glob(os.path.join(path, "*.safetensors")):
+        return _read_folder(transformer)
+    indexes = sorted(glob.glob(os.path.join(path, "*.safetensors.index.json")))
+    if len(indexes) == 1:
+        return _read_index(indexes[0])
+    files = sorted(glob.glob(os.path.join(path, "*.safetensors")))
+    if not files:
+        raise SftoolsError(f"{path}: folder holds no .safetensors files")
+    return _merge(path, "safetensors-folder", files)
+
+
+def _read_index(index_path: str) -> Checkpoint:
+    try:
+        with open(index_path) as f:
+            weight_map = json.load(f)["weight_map"]
+    except (OSError, ValueError, KeyError, TypeError):
+        raise SftoolsError(f"{index_path}: not a safetensors index (no weight_map)") from None
+    folder = os.path.dirname(os.path.abspath(index_path))
+    files = sorted(set(weight_map.values()))
+    merged = _merge(index_path, "safetensors-sharded", [os.path.join(folder, f) for f in files])
+    missing = set(weight_map) - set(merged.tensors)
+    if missing:
+        raise SftoolsError(f"{index_path}: tensor {sorted(missing)[0]} is in the index but in no shard")
+    return merged
+
+
+def _merge(path: str, fmt: str, files: list[str]) -> Checkpoint:
+    tensors = {}
+    metadata: dict[str, str] = {}
+    for file in files:
+        if not os.path.exists(file):
+            raise SftoolsError(f"{path}: shard {os.path.basename(file)} is missing")
+        part = read_safetensors(file)
+        for name, t in part.tensors.items():
+            if name in tensors:
+                raise SftoolsError(f"{path}: tensor {name} appears in two shards")
+            tensors[name] = t
+        metadata.update(part.metadata)
+    return Checkpoint(path, fmt, tensors, metadata)

@@ -1,0 +1,70 @@
+"""Random Wan 2.1 checkpoints in every real file layout, for tests and `sftools demo`.
+
+Nothing is downloaded: weights are drawn from a seeded generator with the shapes of `WanConfig`, and
+written the way the real files are (a bare safetensors file, ComfyUI's `model.diffusion_model.`
+prefix, a diffusers folder with `config.json`, or a Self Forcing `.pt` with `generator`,
+`generator_ema` and `critic` under `model.` and FSDP wrappers).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+
+import torch
+from safetensors.torch import save_file
+
+from sftools.wan.config import TINY, WanConfig, diffusers_config, model_shapes
+from sftools.wan.layouts import original_to_diffusers
+
+LAYOUTS = ("original", "comfyui", "diffusers", "self-forcing")
+
+
+def random_state_dict(config: WanConfig = TINY, seed: int = 0, dtype: torch.dtype = torch.float32) -> dict[str, torch.Tensor]:
+    """Original-named random weights; norms near 1 and modulations small, like trained models."""
+    gen = torch.Generator().manual_seed(seed)
+    out = {}
+    for name, shape in model_shapes(config).items():
+        t = torch.randn(shape, generator=gen) * (0.5 / max(1, shape[-1]) ** 0.5 if len(shape) >= 2 else 0.02)
+        if ".norm" in name and name.endswith(".weight") or name.startswith("img_emb.proj.0.weight"):
+            t = 1.0 + t
+        if name.endswith("modulation"):
+            t = torch.randn(shape, generator=gen) / config.dim**0.5
+        out[name] = t.to(dtype)
+    return out
+
+
+def write_checkpoint(
+    path: str,
+    state: dict[str, torch.Tensor],
+    layout: str = "original",
+    config: WanConfig = TINY,
+) -> str:
+    """Write original-named `state` in `layout`; returns the path to hand to sftools."""
+    meta = {"format": "pt", "sftools.config": config.to_json()}
+    if layout == "original":
+        save_file(_contiguous(state), path, metadata=meta)
+    elif layout == "comfyui":
+        save_file(_contiguous({f"model.diffusion_model.{k}": v for k, v in state.items()}), path, metadata=meta)
+    elif layout == "diffusers":
+        os.makedirs(path, exist_ok=True)
+        names = original_to_diffusers(state)
+        save_file(_contiguous({names[k]: v for k, v in state.items()}),
+                  os.path.join(path, "diffusion_pytorch_model.safetensors"), metadata=meta)
+        with open(os.path.join(path, "config.json"), "w") as f:
+            json.dump(diffusers_config(config), f, indent=2)
+    elif layout == "self-forcing":
+        wrapped = {f"model._fsdp_wrapped_module.{k}": v for k, v in state.items()}
+        torch.save({
+            "generator": {f"model.{k}": v.clone() for k, v in state.items()},
+            "generator_ema": {f"model.{k}": v for k, v in state.items()},
+            "critic": {k: torch.zeros_like(v) for k, v in wrapped.items()},
+            "step": 100,
+        }, path)
+    else:
+        raise ValueError(f"unknown layout {layout!r}; one of {LAYOUTS}")
+    return path
+
+
+def _contiguous(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    return {k: v.contiguous() for k, v in state.items()}
