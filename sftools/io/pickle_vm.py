@@ -183,9 +183,10 @@ def _rebuild_v2(args: tuple) -> TensorRef:
 
 
 def _rebuild_v3(args: tuple) -> TensorRef:
-    if len(args) < 7 or not isinstance(args[6], torch.dtype):
-        raise PickleError("_rebuild_tensor_v3 without a dtype argument")
-    return _rebuild_tensor(*args[:4], dtype=args[6])
+    dtype = args[6] if len(args) >= 7 else None
+    if not (isinstance(dtype, Global) and dtype.module == "torch" and dtype.name in DTYPES):
+        raise PickleError("_rebuild_tensor_v3 without a torch dtype argument")
+    return _rebuild_tensor(*args[:4], dtype=DTYPES[dtype.name])
 
 
 def _rebuild_parameter(args: tuple) -> TensorRef:

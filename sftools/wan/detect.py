@@ -15,6 +15,7 @@ from sftools.wan.layouts import detect_layout, diffusers_to_original
 
 LORA_MARKERS = re.compile(r"(\.lora_(?:up|down|A|B)(?:\.|$)|\.diff(?:_b|_m)?$|\.alpha$|^lora_unet_)")
 SIZES = {(1536, 30): "1.3B", (5120, 40): "14B"}
+BASE_LAYERS = {1536: 30, 5120: 40}
 
 
 @dataclass
@@ -78,7 +79,9 @@ def infer_config(shapes: dict[str, tuple[int, ...]], num_heads: int | None = Non
         model_type = "i2v"
     # Head count is not stored in the weights: real Wan models use head_dim 128 (ComfyUI's rule).
     heads = num_heads or (dim // 128 if dim % 128 == 0 else 1)
-    layers_for_vace = num_layers or (2 * n_vace)
+    if not num_layers and n_vace:
+        # A VACE module alone: assume the base it was cut from (Kijai's wrapper does the same).
+        num_layers = BASE_LAYERS.get(dim, 2 * n_vace)
     return WanConfig(
         model_type=model_type,
         dim=dim,
@@ -91,7 +94,7 @@ def infer_config(shapes: dict[str, tuple[int, ...]], num_heads: int | None = Non
         freq_dim=shapes.get("time_embedding.0.weight", (0, 256))[1],
         image_dim=shapes.get("img_emb.proj.1.weight", (1280,))[0],
         # The layer list is not stored either; ComfyUI spreads n add-on blocks evenly.
-        vace_layers=tuple(range(0, layers_for_vace, max(1, layers_for_vace // n_vace)))[:n_vace] if n_vace else (),
+        vace_layers=tuple(range(0, num_layers, max(1, num_layers // n_vace)))[:n_vace] if n_vace else (),
         vace_in_dim=shapes.get("vace_patch_embedding.weight", (0, 96))[1],
     )
 

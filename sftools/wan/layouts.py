@@ -137,6 +137,9 @@ def to_layout(ckpt: Checkpoint, layout: str) -> Checkpoint:
     current = detect_layout(ckpt.tensors)
     if current == layout:
         return ckpt
+    if current == "unknown" and layout == "original":
+        # Not a Wan transformer (a VAE, a text encoder, anything else): names stay as they are.
+        return ckpt.renamed({n: n for n in ckpt.tensors}, ["not a Wan transformer: names kept as they are"])
     if current == "unknown":
         raise SftoolsError(f"{ckpt.path}: cannot tell the key layout (first key: {next(iter(ckpt.tensors), '-')})")
     notes: list[str] = []

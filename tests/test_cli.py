@@ -1,0 +1,58 @@
+"""The command line as users and scripts call it: exit codes, one-line errors, JSON, the demo."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import pytest
+
+from sftools.wan.config import TINY
+from sftools.wan.tiny import random_state_dict, write_checkpoint
+
+
+def sftools(*args: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "sftools", *args], capture_output=True, text=True, timeout=300)
+
+
+@pytest.fixture(scope="module")
+def sf_pt(tmp_path_factory):
+    path = tmp_path_factory.mktemp("cli") / "self_forcing_dmd.pt"
+    return write_checkpoint(str(path), random_state_dict(TINY), "self-forcing")
+
+
+def test_demo_runs_the_chain_and_says_what_each_step_did(tmp_path):
+    r = sftools("demo", "--workdir", str(tmp_path))
+    assert r.returncode == 0, r.stderr
+    for step in ("1. wrote", "2. scan: torch-zip, safe", "3. convert", "4. convert --layout diffusers", "5. inspect"):
+        assert step in r.stdout
+    assert (tmp_path / "sf.safetensors").exists() and (tmp_path / "sf-diffusers" / "config.json").exists()
+
+
+def test_scan_and_inspect_print_one_json_object(sf_pt):
+    scan = sftools("scan", sf_pt, "--json")
+    assert scan.returncode == 0
+    report = json.loads(scan.stdout)
+    assert report["safe"] is True and report["sub_dicts"] == {"generator": 69, "generator_ema": 69, "critic": 69}
+    assert {g["name"] for g in report["globals"]} == {"collections.OrderedDict", "torch._utils._rebuild_tensor_v2", "torch.FloatStorage"}
+    info = json.loads(sftools("inspect", sf_pt, "--json").stdout)
+    assert (info["kind"], info["layout"], info["tensors"]) == ("wan2.1 t2v", "original", 69)
+
+
+@pytest.mark.parametrize("args,message", [
+    (["convert", "{dir}/missing.pt", "{dir}/o.safetensors"], "no such file"),
+    (["convert", "{pt}", "{dir}/o.safetensors", "--select", "critic_ema"], "no sub-dict 'critic_ema'"),
+    (["convert", "{pt}", "{dir}/o.safetensors", "--max-shard-size", "lots"], "needs a folder"),
+    (["convert", "{pt}", "{dir}/nofolder/o.safetensors"], "does not exist"),
+])
+def test_user_mistakes_get_one_line_and_exit_1(sf_pt, tmp_path, args, message):
+    r = sftools(*[a.format(dir=tmp_path, pt=sf_pt) for a in args])
+    assert r.returncode == 1
+    assert r.stderr.count("\n") == 1 and r.stderr.startswith("sftools: error:") and message in r.stderr
+    assert "Traceback" not in r.stderr and not (tmp_path / "o.safetensors").exists()
+
+
+def test_usage_errors_exit_2(sf_pt, tmp_path):
+    r = sftools("convert", sf_pt, str(tmp_path / "o.safetensors"), "--dtype", "int4")
+    assert r.returncode == 2 and "Traceback" not in r.stderr
