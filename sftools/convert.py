@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 from collections import Counter
+from typing import Iterator
 
 import torch
 
@@ -45,7 +46,17 @@ def cast_plan(ckpt: Checkpoint, dtype: str) -> list[PlannedTensor]:
 
 
 def _planned(name: str, t: LazyTensor, dtype: torch.dtype) -> PlannedTensor:
-    return PlannedTensor(name, dtype, t.shape, lambda: t.load().to(dtype))
+    def chunks() -> Iterator[torch.Tensor]:
+        out = None
+        for piece in t.chunks():
+            if piece.dtype == dtype:
+                yield piece
+                continue
+            if out is None or out.numel() < piece.numel():
+                out = torch.empty(piece.numel(), dtype=dtype)  # reused: casting never faults fresh pages
+            yield out[: piece.numel()].copy_(piece)
+
+    return PlannedTensor(name, dtype, t.shape, lambda: t.load().to(dtype), chunks if t.chunks else None)
 
 
 def convert(

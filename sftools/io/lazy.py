@@ -9,9 +9,11 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
-from typing import Callable
+from typing import Callable, Iterator
 
 import torch
+
+CHUNK_BYTES = 16 * 1024 * 1024
 
 
 @dataclass(frozen=True)
@@ -21,6 +23,9 @@ class LazyTensor:
     loader: Callable[[], torch.Tensor] = field(repr=False, compare=False)
     # Identifies the bytes behind the tensor (storage key, byte offset) so aliases can be reported.
     storage: tuple | None = field(default=None, compare=False)
+    # For tensors stored contiguously: yields the flat tensor in pieces read into one reused buffer
+    # (each piece is valid until the next is asked for), so copying never touches fresh memory.
+    chunks: Callable[[], Iterator[torch.Tensor]] | None = field(default=None, repr=False, compare=False)
 
     @property
     def numel(self) -> int:

@@ -431,7 +431,7 @@ def _dict_from_items(target: dict, items: list) -> dict:
         try:
             target[k] = v
         except TypeError:
-            target[repr(k)[:100]] = v  # unhashable key (a symbolic list): keep it visible by name
+            target[f"<unhashable {type(k).__name__} key>"] = v  # keep the value visible
     return target
 
 

@@ -16,13 +16,13 @@ import os
 import struct
 import zlib
 from dataclasses import dataclass
-from typing import Callable, Iterable
+from typing import Callable, Iterable, Iterator
 
 import torch
 from safetensors import safe_open
 
 from sftools.errors import SftoolsError
-from sftools.io.lazy import Checkpoint, LazyTensor
+from sftools.io.lazy import CHUNK_BYTES, Checkpoint, LazyTensor
 
 # The safetensors names of the torch dtypes it can store (safetensors/src/tensor.rs `Dtype`).
 ST_DTYPES: dict[torch.dtype, str] = {
@@ -45,6 +45,8 @@ class PlannedTensor:
     dtype: torch.dtype
     shape: tuple[int, ...]
     produce: Callable[[], torch.Tensor]
+    # Optional: the flat tensor in final-dtype pieces, each valid until the next is asked for.
+    chunks: Callable[[], Iterator[torch.Tensor]] | None = None
 
     @property
     def nbytes(self) -> int:
@@ -153,18 +155,33 @@ def write_safetensors(
         f.write(struct.pack("<Q", len(header)))
         f.write(header)
         for t in tensors:
-            value = t.produce()
-            if value.dtype != t.dtype or tuple(value.shape) != t.shape:
-                raise SftoolsError(
-                    f"tensor {t.name}: produced {value.dtype} {tuple(value.shape)}, planned {t.dtype} {t.shape}"
-                )
-            data = tensor_bytes(value)
-            crcs[t.name] = zlib.crc32(data)
-            f.write(data)
-            del value, data
+            crcs[t.name] = _write_streamed(f, t) if t.chunks else _write_whole(f, t)
             if on_tensor:
                 on_tensor(t)
     return crcs
+
+
+def _write_whole(f, t: PlannedTensor) -> int:
+    value = t.produce()
+    if value.dtype != t.dtype or tuple(value.shape) != t.shape:
+        raise SftoolsError(f"tensor {t.name}: produced {value.dtype} {tuple(value.shape)}, planned {t.dtype} {t.shape}")
+    data = tensor_bytes(value)
+    f.write(data)
+    return zlib.crc32(data)
+
+
+def _write_streamed(f, t: PlannedTensor) -> int:
+    crc, written = 0, 0
+    for piece in t.chunks():
+        if piece.dtype != t.dtype:
+            raise SftoolsError(f"tensor {t.name}: produced {piece.dtype}, planned {t.dtype}")
+        data = tensor_bytes(piece)
+        crc = zlib.crc32(data, crc)
+        f.write(data)
+        written += len(data)
+    if written != t.nbytes:
+        raise SftoolsError(f"tensor {t.name}: produced {written} bytes, planned {t.nbytes}")
+    return crc
 
 
 def tensor_bytes(t: torch.Tensor) -> memoryview:
@@ -176,16 +193,27 @@ def tensor_bytes(t: torch.Tensor) -> memoryview:
 
 
 def verify_safetensors(path: str, crcs: dict[str, int]) -> None:
-    """Read `path` back with safetensors' own reader and compare every tensor's bytes."""
+    """Check `path` with safetensors' own reader, then re-read every tensor's bytes and compare.
+
+    The bytes are re-read in pieces into one reused buffer: fresh allocations per tensor cost more
+    than the reading itself (page faults), and the output can be larger than memory.
+    """
     try:
         with safe_open(path, framework="pt", backend="pread") as f:
             names = set(f.keys())
-            if names != set(crcs):
-                raise SftoolsError(f"{path}: read back {len(names)} tensors, wrote {len(crcs)}")
-            for name in crcs:
-                if zlib.crc32(tensor_bytes(f.get_tensor(name))) != crcs[name]:
-                    raise SftoolsError(f"{path}: tensor {name} reads back different bytes")
-    except SftoolsError:
-        raise
     except Exception as exc:  # safetensors raises its own error types for malformed files
         raise SftoolsError(f"{path}: safetensors cannot read the written file back: {exc}") from None
+    if names != set(crcs):
+        raise SftoolsError(f"{path}: read back {len(names)} tensors, wrote {len(crcs)}")
+    header, start = read_header(path)
+    buf = bytearray(CHUNK_BYTES)
+    with open(path, "rb", buffering=0) as f:
+        for name, expected in crcs.items():
+            begin, end = header[name]["data_offsets"]
+            f.seek(start + begin)
+            crc = 0
+            for at in range(begin, end, CHUNK_BYTES):
+                n = f.readinto(memoryview(buf)[: min(CHUNK_BYTES, end - at)])
+                crc = zlib.crc32(memoryview(buf)[:n], crc)
+            if crc != expected:
+                raise SftoolsError(f"{path}: tensor {name} reads back different bytes")

@@ -11,13 +11,14 @@ from __future__ import annotations
 import math
 import os
 import struct
+import tarfile
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Iterator
 
 import torch
 
 from sftools.errors import SftoolsError, UnsafeCheckpoint
-from sftools.io.lazy import Checkpoint, LazyTensor
+from sftools.io.lazy import CHUNK_BYTES, Checkpoint, LazyTensor
 from sftools.io.pickle_vm import (
     STORAGE_DTYPES,
     Call,
@@ -30,11 +31,14 @@ from sftools.io.pickle_vm import (
     refusal_reason,
     run_pickle,
 )
-from sftools.io.zip_reader import ZipError, read_zip_entries
+from sftools.io.zip_reader import ZipError, check_stored, read_zip_entries
 
 LEGACY_MAGIC = 0x1950A86A20F9469CFC6C
 LEGACY_PROTOCOL = 1001
-NEST = "/"  # joins nested dict keys; dots stay part of the state-dict names
+NEST = "/"
+# A view (stride 0, `expand`) may describe more bytes than its storage holds; past this multiple of
+# the file size (and 1 GiB) it is a memory bomb, not a weight.
+MAX_EXPANSION = 4  # joins nested dict keys; dots stay part of the state-dict names
 
 
 @dataclass
@@ -67,13 +71,15 @@ def scan_pickle(path: str) -> PickleScan:
             head = f.read(512)
         if head[:4] == b"PK\x03\x04":
             _scan_zip(path, scan)
-        elif len(head) >= 262 and head[257:262] == b"ustar":
+        elif _is_tar(path):
             scan.format = "torch-legacy-tar"
             scan.refuse("legacy tar checkpoint format (torch < 0.1.10) is not supported")
         else:
             _scan_legacy(path, scan)
     except (PickleError, ZipError) as exc:
         scan.refuse(str(exc))
+    except (RecursionError, MemoryError):
+        scan.refuse("pickle structure too deep or too large to describe")
     except OSError as exc:
         raise SftoolsError(f"{path}: {exc.strerror or exc}") from None
     for g in scan.globals:
@@ -82,6 +88,17 @@ def scan_pickle(path: str) -> PickleScan:
     if scan.safe:
         _check_tensors(scan)
     return scan
+
+
+def _is_tar(path: str) -> bool:
+    """Whether torch.load would read this as the pre-0.1.10 tar format: it tries `tarfile` on every
+    non-zip file before the pickle stream, and tarfile also accepts V7 headers without "ustar".
+    Opening only parses headers; nothing is extracted."""
+    try:
+        with tarfile.open(path, mode="r:") as tar:
+            return tar.next() is not None
+    except (tarfile.TarError, OSError, ValueError, EOFError):
+        return False
 
 
 def _scan_zip(path: str, scan: PickleScan) -> None:
@@ -97,6 +114,7 @@ def _scan_zip(path: str, scan: PickleScan) -> None:
     if torchscript:
         scan.format = "torchscript"
         scan.refuse("TorchScript archive (holds code; torch.jit.load would run it)")
+    check_stored(entries)
     if "data.pkl" not in records:
         raise ZipError("zip archive has no data.pkl record")
     byteorder = records.get("byteorder")
@@ -134,7 +152,7 @@ def _scan_zip(path: str, scan: PickleScan) -> None:
         if result.end > end:
             raise PickleError("data.pkl pickle runs past its zip record")
     scan.opcodes |= result.opcodes
-    _flatten(result.value, (), scan)
+    _flatten(result.value, scan)
 
 
 def _scan_legacy(path: str, scan: PickleScan) -> None:
@@ -145,7 +163,7 @@ def _scan_legacy(path: str, scan: PickleScan) -> None:
         scan.opcodes |= first.opcodes
         if first.value != LEGACY_MAGIC:
             scan.format = "pickle"
-            _flatten(first.value, (), scan)
+            _flatten(first.value, scan)
             scan.refuse("plain pickle, not a torch checkpoint (no torch magic number)")
             return
         scan.format = "torch-legacy"
@@ -194,7 +212,7 @@ def _scan_legacy(path: str, scan: PickleScan) -> None:
                 raise PickleError(f"storage {key} runs past the end of the file (truncated)")
         if missing := set(storages) - set(keys):
             raise PickleError(f"storage {sorted(missing)[0]} is referenced but has no data record")
-    _flatten(obj.value, (), scan)
+    _flatten(obj.value, scan)
 
 
 def _storage_dtype(stype: Any) -> tuple[torch.dtype, int]:
@@ -208,31 +226,45 @@ def _storage_dtype(stype: Any) -> tuple[torch.dtype, int]:
     raise PickleError(f"unsupported storage type {stype}")
 
 
-def _flatten(value: Any, path: tuple[str, ...], scan: PickleScan) -> None:
-    name = NEST.join(path) or "<root>"
-    if isinstance(value, TensorRef):
-        scan.tensors[name] = value
-    elif isinstance(value, dict):
-        for k, v in value.items():
-            _flatten(v, path + (k if isinstance(k, str) else repr(k),), scan)
-    elif isinstance(value, (list, tuple)) and any(isinstance(v, (TensorRef, dict, list)) for v in value):
-        for i, v in enumerate(value):
-            _flatten(v, path + (str(i),), scan)
-    elif isinstance(value, Opaque):
-        scan.skipped[name] = value.what
-    elif isinstance(value, Call):
-        scan.skipped[name] = f"call of {value.func}"
-    else:
-        scan.skipped[name] = type(value).__name__
+def _flatten(root: Any, scan: PickleScan) -> None:
+    """Record every tensor under its nested path. Iterative, and each container is walked once:
+    hostile pickles can nest deeply, contain themselves, or share one sub-list exponentially often."""
+    visited: set[int] = set()
+    todo: list[tuple[tuple[str, ...], Any]] = [((), root)]
+    while todo:
+        path, value = todo.pop()
+        name = NEST.join(path) or "<root>"
+        if isinstance(value, (dict, list, tuple)):
+            if id(value) in visited:
+                scan.skipped[name] = "reference to a container already read"
+                continue
+            visited.add(id(value))
+        if isinstance(value, TensorRef):
+            scan.tensors[name] = value
+        elif isinstance(value, dict):
+            items = [(k if isinstance(k, str) else repr(k), v) for k, v in value.items()]
+            todo.extend((path + (k,), v) for k, v in reversed(items))
+        elif isinstance(value, (list, tuple)) and any(isinstance(v, (TensorRef, dict, list)) for v in value):
+            todo.extend((path + (str(i),), v) for i, v in reversed(list(enumerate(value))))
+        elif isinstance(value, Opaque):
+            scan.skipped[name] = value.what
+        elif isinstance(value, Call):
+            scan.skipped[name] = f"call of {value.func}"
+        else:
+            scan.skipped[name] = type(value).__name__
 
 
 def _check_tensors(scan: PickleScan) -> None:
+    file_size = os.path.getsize(scan.path)
     dtypes: dict[str, torch.dtype] = {}
     for name, ref in scan.tensors.items():
         if any(s < 0 for s in ref.shape):
             scan.refuse(f"tensor {name} has a negative size")
             continue
         reach = _reach_bytes(ref)
+        materialized = math.prod(ref.shape) * ref.dtype.itemsize
+        if materialized > max(MAX_EXPANSION * file_size, 2**30):
+            scan.refuse(f"tensor {name} would expand its {ref.storage.nbytes}-byte storage to {materialized} bytes")
         if reach > ref.storage.nbytes:
             scan.refuse(f"tensor {name} reaches byte {reach} of storage {ref.storage.key}, which holds {ref.storage.nbytes}")
         if ref.storage.dtype != torch.uint8 and ref.dtype != ref.storage.dtype:
@@ -267,13 +299,42 @@ def _lazy(path: str, storage_offset: int, ref: TensorRef) -> LazyTensor:
     def load() -> torch.Tensor:
         if length <= 0:
             return torch.empty(ref.shape, dtype=ref.dtype)
-        buf = bytearray(length)
-        with open(path, "rb") as f:
+        flat = torch.empty(length, dtype=torch.uint8)  # uninitialised: readinto fills every byte
+        with open(path, "rb", buffering=0) as f:
             f.seek(start)
-            if f.readinto(buf) != length:
-                raise SftoolsError(f"{path}: storage {ref.storage.key} is truncated")
-        flat = torch.frombuffer(buf, dtype=torch.uint8).view(ref.dtype)
+            _read_exact(f, memoryview(flat.numpy()), f"{path}: storage {ref.storage.key} is truncated")
+        flat = flat.view(ref.dtype)
         view = flat.as_strided(ref.shape, ref.stride)
         return view if view.is_contiguous() else view.contiguous()
 
-    return LazyTensor(ref.dtype, ref.shape, load, storage=(ref.storage.key, ref.offset, ref.shape, ref.stride))
+    def chunks() -> Iterator[torch.Tensor]:
+        step = max(itemsize, CHUNK_BYTES - CHUNK_BYTES % itemsize)
+        buf = torch.empty(min(step, length), dtype=torch.uint8)
+        with open(path, "rb", buffering=0) as f:
+            f.seek(start)
+            for done in range(0, length, step):
+                piece = memoryview(buf.numpy())[: min(step, length - done)]
+                _read_exact(f, piece, f"{path}: storage {ref.storage.key} is truncated")
+                yield buf[: len(piece)].view(ref.dtype)
+
+    contiguous = ref.stride == _c_strides(ref.shape) and length == math.prod(ref.shape) * itemsize
+    return LazyTensor(ref.dtype, ref.shape, load, storage=(ref.storage.key, ref.offset, ref.shape, ref.stride),
+                      chunks=chunks if contiguous and length > 0 else None)
+
+
+def _c_strides(shape: tuple[int, ...]) -> tuple[int, ...]:
+    strides, acc = [], 1
+    for n in reversed(shape):
+        strides.append(acc)
+        acc *= max(n, 1)
+    return tuple(reversed(strides))
+
+
+def _read_exact(f, buf: memoryview, error: str) -> None:
+    """Fill `buf` from `f`; a single read returns at most ~2 GB on Linux, so loop."""
+    done = 0
+    while done < len(buf):
+        n = f.readinto(buf[done:])
+        if not n:
+            raise SftoolsError(error)
+        done += n

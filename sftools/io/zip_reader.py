@@ -30,6 +30,7 @@ class ZipEntry:
     name: str
     data_offset: int
     size: int
+    problem: str | None = None  # why torch's reader and ours could disagree about this record
 
 
 def _find_eocd(f, file_size: int) -> int:
@@ -67,7 +68,7 @@ def _zip64_values(extra: bytes, wanted: list[bool]) -> list[int | None]:
 
 
 def read_zip_entries(path: str) -> dict[str, ZipEntry]:
-    """Map each record name to where its bytes are, after checking every entry is plain STORED."""
+    """Map each record name to where its bytes are; `check_stored` then refuses anything but STORED."""
     file_size = os.path.getsize(path)
     with open(path, "rb") as f:
         eocd = _find_eocd(f, file_size)
@@ -95,6 +96,7 @@ def read_zip_entries(path: str) -> dict[str, ZipEntry]:
         f.seek(cd_offset)
         directory = f.read(cd_size)
         entries: dict[str, ZipEntry] = {}
+        seen: set[str] = set()
         pos = 0
         for _ in range(n_total):
             if directory[pos : pos + 4] != CENTRAL_SIG or pos + 46 > len(directory):
@@ -110,18 +112,29 @@ def read_zip_entries(path: str) -> dict[str, ZipEntry]:
             usize = big[0] if big[0] is not None else usize
             csize = big[1] if big[1] is not None else csize
             lho = big[2] if big[2] is not None else lho
+            problem = None
             if flags & 0x61:
-                raise ZipError(f"record {name!r} has encryption or patch flags set (0x{flags:04x})")
-            if method != 0:
-                raise ZipError(f"record {name!r} is compressed (method {method}); torch writes STORED records")
-            if csize != usize:
-                raise ZipError(f"record {name!r} has compressed size {csize} != size {usize}")
-            if name in entries:
-                raise ZipError(f"record {name!r} appears twice in the zip directory")
-            entries[name] = ZipEntry(name, _local_data_offset(f, name_bytes, lho, file_size), usize)
+                problem = f"record {name!r} has encryption or patch flags set (0x{flags:04x})"
+            elif method != 0:
+                problem = f"record {name!r} is compressed (method {method}); torch writes STORED records"
+            elif csize != usize:
+                problem = f"record {name!r} has compressed size {csize} != size {usize}"
+            # miniz, torch's zip reader, looks names up ignoring case: two names equal but for case
+            # could be read differently by torch and by us.
+            if name.lower() in seen:
+                raise ZipError(f"record {name!r} appears twice in the zip directory (ignoring case)")
+            seen.add(name.lower())
+            entries[name] = ZipEntry(name, _local_data_offset(f, name_bytes, lho, file_size), usize, problem)
             if entries[name].data_offset + usize > file_size:
                 raise ZipError(f"record {name!r} runs past the end of the file (truncated)")
         return entries
+
+
+def check_stored(entries: dict[str, ZipEntry]) -> None:
+    """Refuse the archive if any record is not plain STORED data (compressed, encrypted, patched)."""
+    for entry in entries.values():
+        if entry.problem:
+            raise ZipError(entry.problem)
 
 
 def _local_data_offset(f, name_bytes: bytes, lho: int, file_size: int) -> int:

@@ -16,8 +16,6 @@ from __future__ import annotations
 
 import re
 
-from diffusers.loaders.single_file_utils import convert_wan_transformer_to_diffusers
-
 from sftools.errors import SftoolsError
 from sftools.io.lazy import Checkpoint
 from sftools.io.torch_pickle import NEST
@@ -88,6 +86,9 @@ def original_to_diffusers(names) -> dict[str, str]:
     for n in names:
         if not ORIGINAL_KEY.match(n):
             raise SftoolsError(f"key {n} is not a Wan 2.1 transformer key; cannot rename it to diffusers")
+    # Imported here: diffusers' loaders take seconds to import and most commands never rename.
+    from diffusers.loaders.single_file_utils import convert_wan_transformer_to_diffusers
+
     converted = convert_wan_transformer_to_diffusers({n: n for n in names})
     mapping = {old: new for new, old in converted.items()}
     for old, new in mapping.items():
