@@ -8,6 +8,7 @@ import click
 
 from sftools import __version__
 from sftools.cli.demo import demo_cmd
+from sftools.cli.lora import lora_group
 from sftools.cli.weights import convert_cmd, inspect_cmd, scan_cmd
 from sftools.errors import SftoolsError
 
@@ -18,7 +19,7 @@ def cli() -> None:
     """Safe weight tools for Wan 2.1 and Self Forcing models."""
 
 
-for command in (scan_cmd, inspect_cmd, convert_cmd, demo_cmd):
+for command in (scan_cmd, inspect_cmd, convert_cmd, lora_group, demo_cmd):
     cli.add_command(command)
 
 

@@ -1,0 +1,106 @@
+"""sftools lora extract | merge | resize | convert."""
+
+from __future__ import annotations
+
+import json
+
+import click
+
+from sftools.cli.common import emit
+from sftools.convert import DTYPES
+from sftools.io.output import atomic_target, progress
+from sftools.io.sources import open_checkpoint
+from sftools.lora.extract import ExtractOptions, extract, lora_metadata
+from sftools.lora.forms import FORMS, read_lora, write_lora
+from sftools.lora.merge import merge, parse_lora_arg, resize
+from sftools.lora.svd import METHODS, RANK_MODES
+
+OUT_DTYPES = {k: v for k, v in DTYPES.items() if v is not None}
+
+
+@click.group("lora")
+def lora_group() -> None:
+    """Extract, merge, resize and re-format LoRAs."""
+
+
+@lora_group.command("extract")
+@click.argument("base")
+@click.argument("tuned")
+@click.option("-o", "--output", required=True, help="The LoRA file to write (.safetensors).")
+@click.option("--rank", type=int, default=32, show_default=True, help="Rank (the cap, in energy mode).")
+@click.option("--rank-mode", type=click.Choice(RANK_MODES), default="fixed", show_default=True)
+@click.option("--energy", type=float, default=0.99, show_default=True, help="Energy fraction kept (energy mode).")
+@click.option("--format", "form", type=click.Choice(FORMS), default="comfyui", show_default=True)
+@click.option("--dtype", type=click.Choice(list(OUT_DTYPES)), default="bf16", show_default=True)
+@click.option("--device", default="auto", show_default=True, help="auto, cpu, cuda or cuda:N.")
+@click.option("--svd", type=click.Choice(METHODS), default="randomized", show_default=True)
+@click.option("--oversample", type=int, default=16, show_default=True)
+@click.option("--niter", type=int, default=2, show_default=True, help="Power iterations (randomized SVD).")
+@click.option("--seed", type=int, default=0, show_default=True)
+@click.option("--include", help="Only parameters whose original name matches this regex.")
+@click.option("--exclude", help="Skip parameters whose original name matches this regex.")
+@click.option("--no-full-diffs", is_flag=True, help="Write only low-rank factors (no .diff / .diff_b).")
+@click.option("--min-diff", type=float, default=0.0, show_default=True, help="Pairs with max |diff| <= this are unchanged.")
+@click.option("--report", "report_path", help="Write the per-layer report as JSON here.")
+@click.option("--json", "as_json", is_flag=True, help="Print the summary as one JSON object.")
+def extract_cmd(base, tuned, output, rank, rank_mode, energy, form, dtype, device, svd, oversample, niter, seed,
+                include, exclude, no_full_diffs, min_diff, report_path, as_json) -> None:
+    """Extract a LoRA from TUNED minus BASE, one tensor pair in memory at a time."""
+    opts = ExtractOptions(rank, rank_mode, energy, svd, oversample, niter, seed, include, exclude,
+                          not no_full_diffs, min_diff, device, OUT_DTYPES[dtype])
+    with progress(None, "extracting") as bar:
+        lora, report = extract(base, tuned, opts, on_pair=bar.update)
+    dropped = write_lora(output, lora, form, opts.dtype, lora_metadata(report))
+    report["output"], report["format"], report["not_in_form"] = output, form, dropped
+    if report_path:
+        with atomic_target(report_path) as tmp, open(tmp, "w") as f:
+            json.dump(report, f, indent=1)
+    s = report["summary"]
+    lines = [f"{output}: {s['lora_modules']} LoRA modules (rank {s['ranks']}), {s['full_diffs']} full diffs, "
+             f"{s['unchanged']} unchanged, {s['excluded']} excluded; weighted relative error "
+             f"{s['weighted_rel_error']:.4g} (max {s['max_rel_error']:.4g}); {s['seconds']:.1f} s"]
+    if dropped:
+        lines.append(f"  the {form} form cannot carry {len(dropped)} dense diffs (first: {dropped[0]}); left out")
+    emit({k: v for k, v in report.items() if k != "layers"}, as_json, lines)
+
+
+@lora_group.command("merge")
+@click.argument("base")
+@click.argument("loras", nargs=-1, required=True)
+@click.option("-o", "--output", required=True)
+@click.option("--dtype", type=click.Choice(list(DTYPES)), default="keep", show_default=True)
+@click.option("--json", "as_json", is_flag=True)
+def merge_cmd(base, loras, output, dtype, as_json) -> None:
+    """Bake LORA[:STRENGTH]... into BASE (original names, ready for ComfyUI)."""
+    r = merge(base, [parse_lora_arg(a) for a in loras], output, dtype)
+    emit(r, as_json, [f"{output}: {r['patched']} of {r['tensors']} tensors patched by {len(r['loras'])} LoRA(s)"])
+
+
+@lora_group.command("resize")
+@click.argument("lora")
+@click.option("-o", "--output", required=True)
+@click.option("--rank", type=int, help="New rank (the cap, with --energy).")
+@click.option("--energy", type=float, help="Keep this fraction of each module's energy.")
+@click.option("--format", "form", type=click.Choice(FORMS), default="comfyui", show_default=True)
+@click.option("--dtype", type=click.Choice(list(OUT_DTYPES)), default="bf16", show_default=True)
+@click.option("--json", "as_json", is_flag=True)
+def resize_cmd(lora, output, rank, energy, form, dtype, as_json) -> None:
+    """Lower a LoRA's rank without forming full matrices."""
+    if rank is None and energy is None:
+        raise click.UsageError("give --rank or --energy")
+    smaller, layers = resize(read_lora(open_checkpoint(lora)), rank, energy)
+    write_lora(output, smaller, form, OUT_DTYPES[dtype], {"sftools.resized_from": lora})
+    worst = max((layer["rel_error"] for layer in layers), default=0.0)
+    emit({"output": output, "layers": layers}, as_json,
+         [f"{output}: {len(layers)} modules resized; largest relative error {worst:.4g}"])
+
+
+@lora_group.command("convert")
+@click.argument("lora")
+@click.option("-o", "--output", required=True)
+@click.option("--format", "form", type=click.Choice(FORMS), required=True)
+@click.option("--dtype", type=click.Choice(list(OUT_DTYPES)), default="bf16", show_default=True)
+def convert_cmd(lora, output, form, dtype) -> None:
+    """Re-write a LoRA (comfyui, diffusers, kohya lora_unet_, LightX2V diff_m) as comfyui or diffusers."""
+    dropped = write_lora(output, read_lora(open_checkpoint(lora)), form, OUT_DTYPES[dtype], {"sftools.converted_from": lora})
+    click.echo(f"{output}: written in {form} form" + (f"; left out {len(dropped)} dense diffs" if dropped else ""))

@@ -1,0 +1,186 @@
+"""Extracting a LoRA from a tuned (step/CFG-distilled) Wan model and its base, one pair at a time.
+
+Both inputs are unwrapped, renamed to original Wan names and fp8-dequantized, so any mix of
+layouts pairs up by name. Keys and shapes are compared before any tensor is read. Then each
+base/tuned pair is read, differenced in fp32 on the chosen device, turned into factors or a dense
+diff, cast to the output dtype and dropped: peak memory is one pair plus the (small) result.
+
+2-D Linear weights become low-rank factors (U sqrt(S), sqrt(S) Vh: the scale is baked in, alpha =
+rank, so every loader applies scale 1). Always factors, never a dense `.diff`, because diffusers'
+Wan converter silently ignores dense diffs of Linear weights and fails on text/time embedding
+biases whose weights have no factors. Everything else (biases, norms, `modulation`,
+`head.modulation`, `patch_embedding`) becomes a dense diff; unchanged tensors are skipped.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+import time
+import zlib
+from dataclasses import asdict, dataclass
+from typing import Callable
+
+import torch
+
+from sftools import __version__
+from sftools.convert import load_model
+from sftools.errors import SftoolsError
+from sftools.io.lazy import Checkpoint
+from sftools.io.safetensors_io import tensor_bytes
+from sftools.lora.forms import Lora
+from sftools.lora.svd import METHODS, RANK_MODES, choose_rank, factorize, seed_for
+from sftools.wan.fp8 import dequantize
+
+
+@dataclass
+class ExtractOptions:
+    rank: int = 32
+    rank_mode: str = "fixed"
+    energy: float = 0.99
+    svd: str = "randomized"
+    oversample: int = 16
+    niter: int = 2
+    seed: int = 0
+    include: str | None = None  # regex on original parameter names
+    exclude: str | None = None
+    full_diffs: bool = True
+    min_diff: float = 0.0  # a pair whose largest |difference| is at most this counts as unchanged
+    device: str = "auto"
+    dtype: torch.dtype = torch.bfloat16
+
+    def check(self) -> None:
+        if self.rank < 1:
+            raise SftoolsError(f"--rank must be at least 1, got {self.rank}")
+        if self.rank_mode not in RANK_MODES or self.svd not in METHODS:
+            raise SftoolsError(f"unknown rank mode {self.rank_mode!r} or SVD method {self.svd!r}")
+        if not 0 < self.energy <= 1:
+            raise SftoolsError(f"--energy must be in (0, 1], got {self.energy}")
+        for pattern in (self.include, self.exclude):
+            if pattern:
+                try:
+                    re.compile(pattern)
+                except re.error as exc:
+                    raise SftoolsError(f"pattern {pattern!r} is not a regular expression: {exc}") from None
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name.startswith("cuda") and not torch.cuda.is_available():
+        raise SftoolsError("--device cuda was asked for, but torch sees no CUDA device")
+    return torch.device(name)
+
+
+def is_factored(name: str, shape: tuple[int, ...]) -> bool:
+    """Linear weights: the 2-D `.weight`s (norm weights are 1-D, modulation 3-D, patch conv 5-D)."""
+    return name.endswith(".weight") and len(shape) == 2
+
+
+def open_pair(base_path: str, tuned_path: str) -> tuple[Checkpoint, Checkpoint]:
+    """Both models in original names, checked against each other before any tensor is read."""
+    base = dequantize(load_model(base_path, layout="original"))
+    tuned = dequantize(load_model(tuned_path, layout="original"))
+    for name in tuned.tensors:
+        if name not in base.tensors:
+            raise SftoolsError(f"{tuned_path}: has {name}, which {base_path} lacks: the models are of different kinds")
+    for name, t in base.tensors.items():
+        if name not in tuned.tensors:
+            raise SftoolsError(f"{base_path}: has {name}, which {tuned_path} lacks: the models are of different kinds")
+        if t.shape != tuned.tensors[name].shape:
+            raise SftoolsError(f"{name}: base shape {list(t.shape)} but tuned shape {list(tuned.tensors[name].shape)}")
+    return base, tuned
+
+
+def extract(
+    base_path: str,
+    tuned_path: str,
+    opts: ExtractOptions,
+    on_pair: Callable[[int], None] | None = None,
+) -> tuple[Lora, dict]:
+    """The LoRA and a report: per layer the rank kept and the relative Frobenius error of what is
+    written (after the cast to the output dtype) against the true difference."""
+    opts.check()
+    device = resolve_device(opts.device)
+    base, tuned = open_pair(base_path, tuned_path)
+    lora, layers = Lora(), []
+    fingerprints = [0, 0]
+    counts = {"unchanged": 0, "excluded": 0}
+    started = time.perf_counter()
+    for name, lazy in base.tensors.items():
+        b_cpu, t_cpu = lazy.load(), tuned.tensors[name].load()
+        fingerprints[0] = zlib.crc32(tensor_bytes(b_cpu), zlib.crc32(name.encode(), fingerprints[0]))
+        fingerprints[1] = zlib.crc32(tensor_bytes(t_cpu), zlib.crc32(name.encode(), fingerprints[1]))
+        if on_pair:
+            on_pair(lazy.nbytes)
+        factored = is_factored(name, lazy.shape)
+        if (opts.include and not re.search(opts.include, name)) or (opts.exclude and re.search(opts.exclude, name)) \
+                or (not factored and not opts.full_diffs):
+            counts["excluded"] += 1
+            continue
+        delta = t_cpu.to(device, torch.float32) - b_cpu.to(device, torch.float32)
+        del b_cpu, t_cpu
+        if delta.numel() == 0 or float(delta.abs().max()) <= opts.min_diff:
+            counts["unchanged"] += 1
+            continue
+        layers.append(_extract_one(name, delta, factored, opts, lora))
+        del delta
+    return lora, _report(base_path, tuned_path, opts, layers, counts, fingerprints, time.perf_counter() - started)
+
+
+def _extract_one(name: str, delta: torch.Tensor, factored: bool, opts: ExtractOptions, lora: Lora) -> dict:
+    norm = float(torch.linalg.vector_norm(delta))
+    layer = {"name": name, "shape": list(delta.shape), "norm": norm}
+    if not factored:
+        written = delta.to(opts.dtype)
+        lora.diffs[name] = written.cpu()
+        error = float(torch.linalg.vector_norm(delta - written.float())) / norm
+        return {**layer, "kind": "diff", "rank": None, "rel_error": error, "optimal_rel_error": None}
+    f = factorize(delta, opts.rank, opts.svd, opts.oversample, opts.niter, seed_for(name, opts.seed))
+    k = choose_rank(f.singular_values, norm**2, opts.rank, opts.rank_mode, opts.energy)
+    up, down = f.up[:, :k].to(opts.dtype), f.down[:k].to(opts.dtype)
+    lora.factors[name] = (up.cpu(), down.cpu())
+    error = float(torch.linalg.vector_norm(delta - up.float() @ down.float())) / norm
+    optimal = math.sqrt(max(0.0, float((f.singular_values[k:].double() ** 2).sum()))) / norm if f.exact else None
+    return {**layer, "kind": "lora", "rank": k, "rel_error": error, "optimal_rel_error": optimal}
+
+
+def _report(base_path, tuned_path, opts, layers, counts, fingerprints, seconds) -> dict:
+    total = sum(layer["norm"] ** 2 for layer in layers)
+    weighted = math.sqrt(sum((layer["rel_error"] * layer["norm"]) ** 2 for layer in layers) / total) if total else 0.0
+    ranks = [layer["rank"] for layer in layers if layer["kind"] == "lora"]
+    options = {k: (str(v).removeprefix("torch.") if k == "dtype" else v) for k, v in asdict(opts).items()}
+    return {
+        "tool": f"sftools {__version__}",
+        "base": base_path,
+        "tuned": tuned_path,
+        "base_fingerprint": f"{fingerprints[0]:08x}",
+        "tuned_fingerprint": f"{fingerprints[1]:08x}",
+        "options": options,
+        "summary": {
+            "lora_modules": len(ranks),
+            "full_diffs": sum(layer["kind"] == "diff" for layer in layers),
+            "unchanged": counts["unchanged"],
+            "excluded": counts["excluded"],
+            "ranks": f"{min(ranks)}-{max(ranks)}" if ranks and min(ranks) != max(ranks) else (ranks[0] if ranks else 0),
+            "weighted_rel_error": weighted,
+            "max_rel_error": max((layer["rel_error"] for layer in layers), default=0.0),
+            "seconds": seconds,
+        },
+        "layers": layers,
+    }
+
+
+def lora_metadata(report: dict) -> dict[str, str]:
+    o = report["options"]
+    return {
+        "sftools.version": __version__,
+        "sftools.lora.rank": str(o["rank"]),
+        "sftools.lora.rank_mode": o["rank_mode"],
+        "sftools.lora.energy": str(o["energy"]) if o["rank_mode"] == "energy" else "",
+        "sftools.lora.svd": o["svd"],
+        "sftools.lora.alpha": "rank (baked in; no .alpha keys, every loader applies scale 1)",
+        "sftools.lora.base_fingerprint": report["base_fingerprint"],
+        "sftools.lora.tuned_fingerprint": report["tuned_fingerprint"],
+        "sftools.lora.weighted_rel_error": f"{report['summary']['weighted_rel_error']:.6g}",
+    }
