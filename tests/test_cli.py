@@ -25,9 +25,11 @@ def sf_pt(tmp_path_factory):
 def test_demo_runs_the_chain_and_says_what_each_step_did(tmp_path):
     r = sftools("demo", "--workdir", str(tmp_path))
     assert r.returncode == 0, r.stderr
-    for step in ("1. wrote", "2. scan: torch-zip, safe", "3. convert", "4. convert --layout diffusers", "5. inspect"):
+    for step in ("1. wrote", "2. scan: torch-zip, safe", "3. convert", "4. convert --layout diffusers", "5. inspect",
+                 "6. lora extract", "7. lora merge"):
         assert step in r.stdout
     assert (tmp_path / "sf.safetensors").exists() and (tmp_path / "sf-diffusers" / "config.json").exists()
+    assert (tmp_path / "sf_lora_rank8.safetensors").exists() and (tmp_path / "base_plus_lora.safetensors").exists()
 
 
 def test_scan_and_inspect_print_one_json_object(sf_pt):

@@ -35,7 +35,7 @@ def lora_group() -> None:
 @click.option("--device", default="auto", show_default=True, help="auto, cpu, cuda or cuda:N.")
 @click.option("--svd", type=click.Choice(METHODS), default="randomized", show_default=True)
 @click.option("--oversample", type=int, default=16, show_default=True)
-@click.option("--niter", type=int, default=2, show_default=True, help="Power iterations (randomized SVD).")
+@click.option("--niter", type=int, default=4, show_default=True, help="Power iterations (randomized SVD).")
 @click.option("--seed", type=int, default=0, show_default=True)
 @click.option("--include", help="Only parameters whose original name matches this regex.")
 @click.option("--exclude", help="Skip parameters whose original name matches this regex.")

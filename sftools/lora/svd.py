@@ -40,7 +40,7 @@ def factorize(
     rank: int,
     method: str = "randomized",
     oversample: int = 16,
-    niter: int = 2,
+    niter: int = 4,
     seed: int = 0,
 ) -> Factors:
     """Top singular triplets of the 2-D fp32 `delta`, at least `rank` of them where it has them."""

@@ -34,6 +34,30 @@ def random_state_dict(config: WanConfig = TINY, seed: int = 0, dtype: torch.dtyp
     return out
 
 
+def perturbed(
+    state: dict[str, torch.Tensor],
+    rank: int | None = 4,
+    scale: float = 0.05,
+    seed: int = 1,
+    unchanged: tuple[str, ...] = ("patch_embedding.bias",),
+) -> dict[str, torch.Tensor]:
+    """A "distilled" copy of `state`: changes of rank `rank` (full rank if None) on Linear weights,
+    small dense changes on biases, norms and modulation, and the `unchanged` tensors kept."""
+    gen = torch.Generator().manual_seed(seed)
+    out = {}
+    for name, w in state.items():
+        if name in unchanged:
+            out[name] = w.clone()
+        elif w.dim() == 2:
+            m, n = w.shape
+            d = torch.randn(m, n, generator=gen) if rank is None else \
+                torch.randn(m, rank, generator=gen) @ torch.randn(rank, n, generator=gen)
+            out[name] = w + scale * d / n**0.5
+        else:
+            out[name] = w + 0.01 * torch.randn(w.shape, generator=gen)
+    return out
+
+
 def write_checkpoint(
     path: str,
     state: dict[str, torch.Tensor],
