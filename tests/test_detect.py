@@ -62,3 +62,4 @@ def test_lora_files_report_form_rank_and_targets(tmp_path):
     save_file(lora, str(tmp_path / "l.safetensors"))
     info = inspect_path(str(tmp_path / "l.safetensors"))
     assert (info["kind"], info["form"], info["rank"], info["lora_modules"], info["full_diffs"]) == ("lora", "comfyui", 4, 1, 2)
+    assert info["targets"] == ["blocks.N.modulation", "blocks.N.self_attn.q"]

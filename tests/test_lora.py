@@ -309,3 +309,62 @@ def test_cli_extracts_with_a_report_and_refuses_bad_input_in_one_line(tmp_path):
                           "--rank", "0"], capture_output=True, text=True)
     assert bad.returncode == 1 and bad.stderr.count("\n") == 1 and "--rank must be at least 1" in bad.stderr
     assert not (tmp_path / "x.safetensors").exists()
+
+
+def comfyui_loaded_keys(lora_keys: set[str], model_shapes: dict[str, tuple]) -> dict[str, str]:
+    """ComfyUI's documented matching (reference/lora_extraction.md §4.1, comfy/lora.py): every model
+    key `diffusion_model.X.weight` is reachable as `diffusion_model.X` (and `lora_unet_X_with_underscores`),
+    any other parameter by its full key; `load_lora` then consumes `<x>.lora_up/.lora_down.weight`,
+    `<x>.alpha`, `<x>.diff` and `<x>.diff_b` (the bias of the same module). Returns lora key -> model key."""
+    key_map = {}
+    for name in model_shapes:
+        full = f"diffusion_model.{name}"
+        if name.endswith(".weight"):
+            key_map[full[: -len(".weight")]] = full
+            key_map["lora_unet_" + name[: -len(".weight")].replace(".", "_")] = full
+        else:
+            key_map[full] = full
+    consumed = {}
+    for x, target in key_map.items():
+        for suffix in (".lora_up.weight", ".lora_down.weight", ".alpha", ".diff"):
+            if x + suffix in lora_keys:
+                consumed[x + suffix] = target
+        if x + ".diff_b" in lora_keys:
+            consumed[x + ".diff_b"] = target[: -len(".weight")] + ".bias"
+    return consumed
+
+
+@pytest.mark.parametrize("preset", ["tiny", "tiny-i2v", "tiny-vace"])
+def test_every_comfyui_key_is_consumed_by_comfyuis_matching_rules_with_matching_shapes(tmp_path, preset):
+    config = PRESETS[preset]
+    base = random_state_dict(config, seed=0)
+    tuned = perturbed(base, rank=None)
+    b, t = write_pair(tmp_path, base, tuned, config=config)
+    lora, report = extract(b, t, ExtractOptions(rank=4))
+    out = str(tmp_path / "l.safetensors")
+    write_lora(out, lora, "comfyui", torch.bfloat16, lora_metadata(report))
+    written = load_file(out)
+    consumed = comfyui_loaded_keys(set(written), {k: tuple(v.shape) for k, v in base.items()})
+    assert set(consumed) == set(written), sorted(set(written) - set(consumed))[:5]  # no "lora key not loaded"
+    for key, target in consumed.items():
+        shape = base[target[len("diffusion_model."):]].shape
+        if key.endswith(".lora_up.weight"):
+            down = written[key.replace(".lora_up.", ".lora_down.")]
+            assert (written[key] @ down).shape == shape, key
+        elif key.endswith((".diff", ".diff_b")):
+            assert written[key].shape == shape, key
+
+
+def test_t2v_lora_loads_on_an_i2v_model_in_diffusers(tmp_path):
+    base, tuned = planted(rank=None)
+    b, t = write_pair(tmp_path, base, tuned)
+    lora, report = extract(b, t, ExtractOptions(rank=4, dtype=torch.float32))
+    out = str(tmp_path / "t2v_lora.safetensors")
+    write_lora(out, lora, "comfyui", torch.float32, lora_metadata(report))
+    i2v = PRESETS["tiny-i2v"]
+    i2v_base = random_state_dict(i2v, seed=9)
+    fused = diffusers_fused(out, i2v_base, i2v)
+    name = "blocks.0.cross_attn.q.weight"
+    up, down = lora.factors[name]
+    assert torch.allclose(fused[name], i2v_base[name] + up @ down, atol=1e-6)
+    assert torch.equal(fused["blocks.0.cross_attn.k_img.weight"], i2v_base["blocks.0.cross_attn.k_img.weight"])

@@ -8,7 +8,7 @@ import click
 
 from sftools.cli.common import emit
 from sftools.convert import DTYPES
-from sftools.io.output import atomic_target, progress
+from sftools.io.output import atomic_target
 from sftools.io.sources import open_checkpoint
 from sftools.lora.extract import ExtractOptions, extract, lora_metadata
 from sftools.lora.forms import FORMS, read_lora, write_lora
@@ -48,8 +48,7 @@ def extract_cmd(base, tuned, output, rank, rank_mode, energy, form, dtype, devic
     """Extract a LoRA from TUNED minus BASE, one tensor pair in memory at a time."""
     opts = ExtractOptions(rank, rank_mode, energy, svd, oversample, niter, seed, include, exclude,
                           not no_full_diffs, min_diff, device, OUT_DTYPES[dtype])
-    with progress(None, "extracting") as bar:
-        lora, report = extract(base, tuned, opts, on_pair=bar.update)
+    lora, report = extract(base, tuned, opts)
     dropped = write_lora(output, lora, form, opts.dtype, lora_metadata(report))
     report["output"], report["format"], report["not_in_form"] = output, form, dropped
     if report_path:

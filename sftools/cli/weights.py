@@ -45,6 +45,7 @@ def inspect_cmd(path: str, select: str | None, as_json: bool) -> None:
              f"  {r['tensors']} tensors, {r['parameters']:,} parameters, dtypes {r['dtypes']}"]
     if r["kind"] == "lora":
         lines.append(f"  rank {r['rank']}, {r['lora_modules']} LoRA modules, {r['full_diffs']} full diffs")
+        lines.append(f"  targets: {', '.join(r['targets'])}")
     elif "config" in r:
         c = r["config"]
         lines.append(f"  dim {c['dim']}, ffn {c['ffn_dim']}, {c['num_layers']} layers, in {c['in_dim']}, "

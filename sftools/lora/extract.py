@@ -18,15 +18,14 @@ import math
 import re
 import time
 import zlib
-from dataclasses import asdict, dataclass
-from typing import Callable
-
+from dataclasses import asdict, dataclass, field
 import torch
 
 from sftools import __version__
 from sftools.convert import load_model
 from sftools.errors import SftoolsError
 from sftools.io.lazy import Checkpoint
+from sftools.io.output import progress
 from sftools.io.safetensors_io import tensor_bytes
 from sftools.lora.forms import Lora
 from sftools.lora.svd import METHODS, RANK_MODES, choose_rank, factorize, seed_for
@@ -92,41 +91,48 @@ def open_pair(base_path: str, tuned_path: str) -> tuple[Checkpoint, Checkpoint]:
     return base, tuned
 
 
-def extract(
-    base_path: str,
-    tuned_path: str,
-    opts: ExtractOptions,
-    on_pair: Callable[[int], None] | None = None,
-) -> tuple[Lora, dict]:
+def extract(base_path: str, tuned_path: str, opts: ExtractOptions) -> tuple[Lora, dict]:
     """The LoRA and a report: per layer the rank kept and the relative Frobenius error of what is
     written (after the cast to the output dtype) against the true difference."""
     opts.check()
-    device = resolve_device(opts.device)
+    run = _Run(opts, resolve_device(opts.device))
     base, tuned = open_pair(base_path, tuned_path)
-    lora, layers = Lora(), []
-    fingerprints = [0, 0]
-    counts = {"unchanged": 0, "excluded": 0}
     started = time.perf_counter()
-    for name, lazy in base.tensors.items():
-        b_cpu, t_cpu = lazy.load(), tuned.tensors[name].load()
-        fingerprints[0] = zlib.crc32(tensor_bytes(b_cpu), zlib.crc32(name.encode(), fingerprints[0]))
-        fingerprints[1] = zlib.crc32(tensor_bytes(t_cpu), zlib.crc32(name.encode(), fingerprints[1]))
-        if on_pair:
-            on_pair(lazy.nbytes)
-        factored = is_factored(name, lazy.shape)
+    with progress(sum(t.nbytes for t in base.tensors.values()), "extracting") as bar:
+        for name, lazy in base.tensors.items():
+            bar.update(lazy.nbytes)
+            run.pair(name, lazy.load(), tuned.tensors[name].load())
+    return run.lora, _report(base_path, tuned_path, run, time.perf_counter() - started)
+
+
+@dataclass
+class _Run:
+    """What one extraction accumulates while pairs stream through it."""
+
+    opts: ExtractOptions
+    device: torch.device
+    lora: Lora = field(default_factory=Lora)
+    layers: list[dict] = field(default_factory=list)
+    unchanged: int = 0
+    excluded: int = 0
+    fingerprints: list[int] = field(default_factory=lambda: [0, 0])
+
+    def pair(self, name: str, base: torch.Tensor, tuned: torch.Tensor) -> None:
+        """Fingerprint one base/tuned pair, then skip, exclude or extract it."""
+        for i, t in enumerate((base, tuned)):
+            self.fingerprints[i] = zlib.crc32(tensor_bytes(t), zlib.crc32(name.encode(), self.fingerprints[i]))
+        opts, factored = self.opts, is_factored(name, tuple(base.shape))
         if (opts.include and not re.search(opts.include, name)) or (opts.exclude and re.search(opts.exclude, name)) \
                 or (not factored and not opts.full_diffs):
-            counts["excluded"] += 1
-            continue
-        delta = t_cpu.to(device, torch.float32)
-        delta.sub_(b_cpu.to(device))  # in place: one fp32 matrix alive per pair, not three
-        del b_cpu, t_cpu
+            self.excluded += 1
+            return
+        delta = tuned.to(self.device, torch.float32)
+        delta.sub_(base.to(self.device))  # in place: one fp32 matrix alive per pair, not three
+        del base, tuned
         if delta.numel() == 0 or float(delta.abs().max()) <= opts.min_diff:
-            counts["unchanged"] += 1
-            continue
-        layers.append(_extract_one(name, delta, factored, opts, lora))
-        del delta
-    return lora, _report(base_path, tuned_path, opts, layers, counts, fingerprints, time.perf_counter() - started)
+            self.unchanged += 1
+            return
+        self.layers.append(_extract_one(name, delta, factored, opts, self.lora))
 
 
 def _extract_one(name: str, delta: torch.Tensor, factored: bool, opts: ExtractOptions, lora: Lora) -> dict:
@@ -157,11 +163,13 @@ def residual_norm(delta: torch.Tensor, up: torch.Tensor, down: torch.Tensor) -> 
     return float(torch.linalg.vector_norm(torch.addmm(delta, up, down, alpha=-1)))
 
 
-def _report(base_path, tuned_path, opts, layers, counts, fingerprints, seconds) -> dict:
+def _report(base_path: str, tuned_path: str, run: _Run, seconds: float) -> dict:
+    layers, opts = run.layers, run.opts
     total = sum(layer["norm"] ** 2 for layer in layers)
     weighted = math.sqrt(sum((layer["rel_error"] * layer["norm"]) ** 2 for layer in layers) / total) if total else 0.0
     ranks = [layer["rank"] for layer in layers if layer["kind"] == "lora"]
     options = {k: (str(v).removeprefix("torch.") if k == "dtype" else v) for k, v in asdict(opts).items()}
+    fingerprints = run.fingerprints
     return {
         "tool": f"sftools {__version__}",
         "base": base_path,
@@ -172,8 +180,8 @@ def _report(base_path, tuned_path, opts, layers, counts, fingerprints, seconds) 
         "summary": {
             "lora_modules": len(ranks),
             "full_diffs": sum(layer["kind"] == "diff" for layer in layers),
-            "unchanged": counts["unchanged"],
-            "excluded": counts["excluded"],
+            "unchanged": run.unchanged,
+            "excluded": run.excluded,
             "ranks": f"{min(ranks)}-{max(ranks)}" if ranks and min(ranks) != max(ranks) else (ranks[0] if ranks else 0),
             "weighted_rel_error": weighted,
             "max_rel_error": max((layer["rel_error"] for layer in layers), default=0.0),

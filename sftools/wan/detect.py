@@ -116,8 +116,12 @@ def describe_lora(shapes: dict[str, tuple[int, ...]]) -> Description:
         form = "unknown"
     downs = {n: s for n, s in shapes.items() if re.search(r"\.(lora_down|lora_A)\.weight$", n)}
     ranks = sorted({s[0] for s in downs.values()})
+    suffix = re.compile(r"\.(lora_(?:up|down|A|B)\.(?:weight|bias)|alpha|diff_b|diff_m|diff)$")
+    prefix = re.compile(r"^(?:diffusion_model\.|transformer\.|lora_unet_)")
+    targets = sorted({re.sub(r"(^|[._])\d+(?=[._])", r"\1N", prefix.sub("", suffix.sub("", n))) for n in names})
     details = {
         "form": form,
+        "targets": targets,
         "rank": ranks[-1] if len(ranks) == 1 else (f"{ranks[0]}-{ranks[-1]}" if ranks else 0),
         "lora_modules": len(downs),
         "full_diffs": sum(1 for n in names if re.search(r"\.diff(_b|_m)?$", n)),
