@@ -21,22 +21,8 @@ import time
 import torch
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
+from bench.measure import run_sftools  # noqa: E402
 from sftools.wan.config import T2V_14B, base_shapes  # noqa: E402
-
-
-# Runs the CLI and records the process's own VmHWM at exit. (ru_maxrss of a child would count the
-# parent's pages between fork and exec, and this parent has just held the whole checkpoint.)
-PEAK_RSS_WRAPPER = """
-import atexit, sys
-out = sys.argv.pop(1)
-def record():
-    kb = next(l for l in open('/proc/self/status') if l.startswith('VmHWM')).split()[1]
-    open(out, 'w').write(str(int(kb) * 1024))
-atexit.register(record)
-sys.argv[0] = 'sftools'
-from sftools.cli.main import main
-main()
-"""
 
 
 def make_checkpoint(path: str, blocks: int) -> tuple[int, int]:
@@ -71,13 +57,10 @@ def main() -> None:
     timed_copy(src, dst + ".warm")  # bring the source into the page cache for both contenders
 
     copy_before = timed_copy(src, dst + ".copy")
+    convert_time, peak_rss = run_sftools("convert", src, dst, "--dtype", "bf16")
     start = time.perf_counter()
-    hwm_file = os.path.join(args.workdir, "peak_rss")
-    subprocess.run([sys.executable, "-c", PEAK_RSS_WRAPPER, hwm_file, "convert", src, dst, "--dtype", "bf16"], check=True)
     os.sync()
-    convert_time = time.perf_counter() - start
-    with open(hwm_file) as f:
-        peak_rss = int(f.read())
+    convert_time += time.perf_counter() - start
     copy_after = timed_copy(src, dst + ".copy")
     copy_time = (copy_before + copy_after) / 2
     start = time.perf_counter()

@@ -17,29 +17,16 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import os
-import subprocess
 import sys
-import time
 
 import torch
 from safetensors.torch import save_file
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
+from bench.measure import run_sftools  # noqa: E402
 from sftools.wan.config import T2V_14B, base_shapes  # noqa: E402
 
-PEAK_RSS_WRAPPER = """
-import atexit, sys
-out = sys.argv.pop(1)
-def record():
-    kb = next(l for l in open('/proc/self/status') if l.startswith('VmHWM')).split()[1]
-    open(out, 'w').write(str(int(kb) * 1024))
-atexit.register(record)
-sys.argv[0] = 'sftools'
-from sftools.cli.main import main
-main()
-"""
 EXACT_PAIRS = r"^blocks\.0\.(self_attn\.q|ffn\.0)\.weight$"
 
 
@@ -68,11 +55,8 @@ def make_pair(workdir: str, blocks: int) -> tuple[str, str]:
     return paths
 
 
-def run_extract(base: str, tuned: str, out: str, report: str, rss_file: str, *extra: str) -> float:
-    start = time.perf_counter()
-    subprocess.run([sys.executable, "-c", PEAK_RSS_WRAPPER, rss_file, "lora", "extract", base, tuned, "-o", out,
-                    "--rank", "32", "--report", report, *extra], check=True)
-    return time.perf_counter() - start
+def run_extract(base: str, tuned: str, out: str, report: str, *extra: str) -> tuple[float, int]:
+    return run_sftools("lora", "extract", base, tuned, "-o", out, "--rank", "32", "--report", report, *extra)
 
 
 def main() -> None:
@@ -85,12 +69,8 @@ def main() -> None:
     base, tuned = make_pair(args.workdir, args.blocks)
     out = os.path.join(args.workdir, "lora.safetensors")
     rand_report, exact_report = (os.path.join(args.workdir, f"{n}.json") for n in ("randomized", "exact"))
-    rss_file = os.path.join(args.workdir, "peak_rss")
-
-    rand_wall = run_extract(base, tuned, out, rand_report, rss_file)
-    with open(rss_file) as f:
-        peak_rss = int(f.read())
-    run_extract(base, tuned, out + ".exact", exact_report, rss_file, "--svd", "exact", "--include", EXACT_PAIRS)
+    rand_wall, peak_rss = run_extract(base, tuned, out, rand_report)
+    run_extract(base, tuned, out + ".exact", exact_report, "--svd", "exact", "--include", EXACT_PAIRS)
     rand = {layer["name"]: layer for layer in json.load(open(rand_report))["layers"]}
     exact = {layer["name"]: layer for layer in json.load(open(exact_report))["layers"]}
     rand_summary = json.load(open(rand_report))["summary"]

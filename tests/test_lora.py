@@ -4,7 +4,6 @@ and against diffusers' own Wan LoRA loader."""
 from __future__ import annotations
 
 import json
-import math
 import subprocess
 import sys
 
