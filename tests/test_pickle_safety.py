@@ -19,6 +19,7 @@ import io
 import json
 import os
 import pickle
+import pickletools
 import pydoc
 import runpy
 import shlex
@@ -747,3 +748,58 @@ def test_expanded_view_describing_terabytes_is_refused_before_any_allocation(tmp
     with pytest.raises(SftoolsError, match="would expand"):
         convert(str(path), str(tmp_path / "out.safetensors"))
     assert sorted(p.name for p in tmp_path.iterdir()) == ["model.pt"]
+
+
+def deep_tuple_key() -> bytes:
+    """{(((...(),),),): None} nested a million levels: hashing it recurses in C without a check."""
+    return b"\x80\x02}" + b")" + b"\x85" * 1_000_000 + b"Ns."
+
+
+def shared_tuple_key() -> bytes:
+    """t = (t, t) forty times over the memo, used as a dict key: hashing or repr costs 2**40 steps."""
+    body = b")q\x00"
+    for _ in range(40):
+        body += b"0h\x00h\x00\x86q\x00"  # POP, BINGET 0, BINGET 0, TUPLE2, BINPUT 0
+    return b"\x80\x02}" + body + b"Ns."
+
+
+@pytest.mark.parametrize("build", [deep_tuple_key, shared_tuple_key], ids=["deep_key", "shared_key"])
+def test_hostile_dict_keys_are_never_hashed_or_printed(tmp_path, build):
+    path = tmp_path / "model.pkl"
+    path.write_bytes(build())
+    code = (f"from sftools.io.torch_pickle import scan_pickle; s = scan_pickle({str(path)!r}); "
+            "print(s.safe, s.format)")
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
+    assert r.returncode == 0, r.stderr[-500:]  # no segfault (139), no hang
+    assert r.stdout.split() == ["False", "pickle"]
+
+
+def test_legacy_view_with_a_negative_offset_is_refused(tmp_path):
+    """A legacy persistent id whose view starts before its root storage would read the neighbour's
+    bytes (and its record header). torch no longer writes views, so one is patched in: the last
+    storage's `view_metadata` None becomes (its own key, -4, 4)."""
+    path = tmp_path / "model.pt"
+    torch.save({"a": torch.arange(4.0), "b": torch.arange(4.0)}, path, _use_new_zipfile_serialization=False)
+    raw = path.read_bytes()
+    stream = io.BytesIO(raw)
+    for _ in range(3):  # magic, protocol, sys_info
+        list(pickletools.genops(stream))
+    ops = list(pickletools.genops(stream))
+    keys = [arg for op, arg, _ in ops if op.name == "BINUNICODE" and arg.isdigit()]
+    nones = [pos for (op, _, pos), (nxt, _, _) in zip(ops, ops[1:]) if op.name == "NONE" and nxt.name == "TUPLE"]
+    key = keys[-1].encode()
+    view = b"X" + struct.pack("<I", len(key)) + key + b"J" + struct.pack("<i", -4) + b"K\x04\x87"
+    path.write_bytes(raw[: nones[-1]] + view + raw[nones[-1] + 1:])
+    scan = scan_pickle(str(path))
+    assert scan.safe is False and any("offset outside the storage" in r for r in scan.refusals), scan.refusals
+
+
+def test_empty_tensor_with_an_absurd_dimension_is_refused(tmp_path):
+    path = tmp_path / "model.pt"
+    torch.save({"w": torch.zeros(0, 3)}, path, _use_new_zipfile_serialization=False)
+    raw = path.read_bytes()
+    needle = b"K\x00K\x03\x86"  # size (0, 3)
+    assert raw.count(needle) == 1
+    path.write_bytes(raw.replace(needle, b"K\x00\x8a\x09" + (2**70).to_bytes(9, "little") + b"\x86"))
+    scan = scan_pickle(str(path))
+    assert scan.safe is False and any("do not describe a view" in r for r in scan.refusals), scan.refusals

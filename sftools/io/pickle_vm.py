@@ -25,6 +25,8 @@ MAX_MEMO = 5_000_000
 MAX_STACK = 2_000_000
 MAX_MARKS = 10_000
 MAX_ARG_BYTES = 64 * 1024 * 1024
+MAX_DIM = 2**48  # no real tensor dimension, stride or offset comes near; keeps byte arithmetic sane
+PLAIN_KEYS = (str, int, bool, float, type(None))
 
 
 class PickleError(Exception):
@@ -136,6 +138,18 @@ NUMPY_OPAQUE = {
 }
 
 
+def describe(value: Any) -> str:
+    """A short, bounded description of an untrusted value: never its repr, which a hostile
+    structure can make exponentially long or deep."""
+    if isinstance(value, (str, bytes)):
+        return f"{type(value).__name__} of length {len(value)}"
+    if isinstance(value, (int, float, bool)) or value is None:
+        return type(value).__name__
+    if isinstance(value, (tuple, list, dict)):
+        return f"{type(value).__name__} of {len(value)} items"
+    return type(value).__name__
+
+
 def is_allowed(g: Global) -> bool:
     """Whether a global is one we interpret or may leave opaque. Exact strings only."""
     key = (g.module, g.name)
@@ -159,7 +173,7 @@ def refusal_reason(g: Global) -> str:
 
 def _ints(value: Any, what: str) -> tuple[int, ...]:
     if not isinstance(value, tuple) or not all(type(v) is int for v in value):
-        raise PickleError(f"tensor {what} is not a tuple of ints: {value!r}"[:200])
+        raise PickleError(f"tensor {what} is not a tuple of ints (got {describe(value)})")
     return value
 
 
@@ -167,10 +181,10 @@ def _rebuild_tensor(storage: Any, offset: Any, size: Any, stride: Any, dtype: to
     if not isinstance(storage, StorageRef):
         raise PickleError(f"tensor rebuild on something that is not a storage: {type(storage).__name__}")
     if type(offset) is not int or offset < 0:
-        raise PickleError(f"tensor storage offset {offset!r} is not a non-negative int")
+        raise PickleError(f"tensor storage offset ({describe(offset)}) is not a non-negative int")
     shape, strides = _ints(size, "size"), _ints(stride, "stride")
-    if len(shape) != len(strides) or any(s < 0 for s in shape) or any(s < 0 for s in strides):
-        raise PickleError(f"tensor size {shape} and stride {strides} do not describe a view")
+    if len(shape) != len(strides) or not all(0 <= s < MAX_DIM for s in shape + strides) or offset >= MAX_DIM:
+        raise PickleError(f"tensor size {shape[:8]} and stride {strides[:8]} do not describe a view")
     return TensorRef(storage, storage.base_offset + offset, shape, strides, dtype or storage.dtype)
 
 
@@ -428,10 +442,9 @@ def _dict_from_items(target: dict, items: list) -> dict:
     if len(items) % 2:
         raise PickleError("odd number of items for a dict")
     for k, v in zip(items[::2], items[1::2]):
-        try:
-            target[k] = v
-        except TypeError:
-            target[f"<unhashable {type(k).__name__} key>"] = v  # keep the value visible
+        # Only plain scalars are hashed: hashing a hostile tuple can recurse a million levels deep
+        # in C, or cost 2**40 steps on a memoised (t, t) chain. Other keys are named by position.
+        target[k if type(k) in PLAIN_KEYS else f"<{type(k).__name__} key {len(target)}>"] = v
     return target
 
 

@@ -20,6 +20,8 @@ import torch
 from sftools.errors import SftoolsError, UnsafeCheckpoint
 from sftools.io.lazy import CHUNK_BYTES, Checkpoint, LazyTensor
 from sftools.io.pickle_vm import (
+    MAX_DIM,
+    PLAIN_KEYS,
     STORAGE_DTYPES,
     Call,
     Global,
@@ -27,6 +29,7 @@ from sftools.io.pickle_vm import (
     PickleError,
     StorageRef,
     TensorRef,
+    describe,
     is_allowed,
     refusal_reason,
     run_pickle,
@@ -35,10 +38,10 @@ from sftools.io.zip_reader import ZipError, check_stored, read_zip_entries
 
 LEGACY_MAGIC = 0x1950A86A20F9469CFC6C
 LEGACY_PROTOCOL = 1001
-NEST = "/"
+NEST = "/"  # joins nested dict keys; dots stay part of the state-dict names
 # A view (stride 0, `expand`) may describe more bytes than its storage holds; past this multiple of
 # the file size (and 1 GiB) it is a memory bomb, not a weight.
-MAX_EXPANSION = 4  # joins nested dict keys; dots stay part of the state-dict names
+MAX_EXPANSION = 4
 
 
 @dataclass
@@ -128,10 +131,10 @@ def _scan_zip(path: str, scan: PickleScan) -> None:
 
     def persistent_load(pid: Any) -> StorageRef:
         if not (isinstance(pid, tuple) and len(pid) == 5 and pid[0] == "storage"):
-            raise PickleError(f"unexpected persistent id {pid!r}"[:200])
+            raise PickleError(f"unexpected persistent id ({describe(pid)})")
         _, stype, key, location, numel = pid
         dtype, itemsize = _storage_dtype(stype)
-        if not isinstance(key, str) or type(numel) is not int or numel < 0:
+        if not isinstance(key, str) or type(numel) is not int or not 0 <= numel < MAX_DIM:
             raise PickleError("malformed storage persistent id")
         record = records.get(f"data/{key}")
         if record is None:
@@ -175,18 +178,19 @@ def _scan_legacy(path: str, scan: PickleScan) -> None:
 
         def persistent_load(pid: Any) -> StorageRef:
             if not (isinstance(pid, tuple) and len(pid) == 6 and pid[0] == "storage"):
-                raise PickleError(f"unexpected persistent id {pid!r}"[:200])
+                raise PickleError(f"unexpected persistent id ({describe(pid)})")
             _, stype, root_key, location, numel, view = pid
             dtype, itemsize = _storage_dtype(stype)
-            if not isinstance(root_key, str) or type(numel) is not int or numel < 0:
+            if not isinstance(root_key, str) or type(numel) is not int or not 0 <= numel < MAX_DIM:
                 raise PickleError("malformed storage persistent id")
             root = StorageRef(root_key, dtype, numel * itemsize, str(location))
             if storages.setdefault(root_key, root) != root:
                 raise PickleError(f"storage {root_key} is declared twice with different types or sizes")
             if view is None:
                 return root
-            if not (isinstance(view, tuple) and len(view) == 3 and all(type(v) is int for v in view[1:])):
-                raise PickleError("malformed storage view")
+            if not (isinstance(view, tuple) and len(view) == 3 and all(type(v) is int for v in view[1:])
+                    and 0 <= view[1] <= numel):
+                raise PickleError(f"malformed view of storage {root_key} (offset outside the storage)")
             return StorageRef(root_key, dtype, root.nbytes, root.location, base_offset=view[1])
 
         obj = run_pickle(f, persistent_load, scan.globals.append)
@@ -242,7 +246,7 @@ def _flatten(root: Any, scan: PickleScan) -> None:
         if isinstance(value, TensorRef):
             scan.tensors[name] = value
         elif isinstance(value, dict):
-            items = [(k if isinstance(k, str) else repr(k), v) for k, v in value.items()]
+            items = [(str(k) if type(k) in PLAIN_KEYS else f"<{type(k).__name__}>", v) for k, v in value.items()]
             todo.extend((path + (k,), v) for k, v in reversed(items))
         elif isinstance(value, (list, tuple)) and any(isinstance(v, (TensorRef, dict, list)) for v in value):
             todo.extend((path + (str(i),), v) for i, v in reversed(list(enumerate(value))))
