@@ -16,18 +16,24 @@ from sftools.io.output import parse_size, write_file, write_sharded
 from sftools.io.safetensors_io import PlannedTensor
 from sftools.io.sources import open_checkpoint
 from sftools.wan.config import WanConfig, diffusers_config
-from sftools.wan.detect import describe
+from sftools.wan.detect import LORA_MARKERS, describe
+from sftools.wan.fp8 import dequantize
 from sftools.wan.layouts import to_layout, unwrap
 
 DTYPES = {"keep": None, "fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 CASTABLE = (torch.float64, torch.float32, torch.float16, torch.bfloat16)
 
 
-def load_model(src: str, select: str | None = None, layout: str | None = None) -> Checkpoint:
-    """Open `src`, unwrap training wrappers, and rename to `layout` when given."""
-    ckpt = unwrap(open_checkpoint(src), select)
+def load_model(src: str, select: str | None = None, layout: str | None = None, dequant: bool = False) -> Checkpoint:
+    """Open `src`, unwrap training wrappers, optionally dequantize fp8, and rename to `layout`."""
+    raw = open_checkpoint(src)
+    if any(LORA_MARKERS.search(n) for n in raw.tensors):
+        raise SftoolsError(f"{src}: is a LoRA, not a model (sftools lora convert / merge handle LoRAs)")
+    ckpt = unwrap(raw, select)
     if not ckpt.tensors:
         raise SftoolsError(f"{src}: holds no tensors")
+    if dequant:
+        ckpt = dequantize(ckpt)
     return to_layout(ckpt, layout) if layout else ckpt
 
 

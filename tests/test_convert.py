@@ -202,3 +202,29 @@ def test_shards_without_a_folder_destination_are_refused(tmp_path):
     src, _ = source(tmp_path, "original")
     with pytest.raises(SftoolsError, match="needs a folder"):
         convert(src, str(tmp_path / "x.safetensors"), max_shard_size="1MB")
+
+
+def test_an_existing_output_folder_is_swapped_whole_and_foreign_folders_are_refused_first(tmp_path):
+    src, state = source(tmp_path, "original")
+    folder = tmp_path / "out"
+    convert(src, str(folder), max_shard_size="10KB")
+    many = sorted(os.listdir(folder))
+    convert(src, str(folder), max_shard_size="1GB")
+    assert sorted(os.listdir(folder)) == ["diffusion_pytorch_model.safetensors"] and len(many) > 2
+    assert_same(load_file(str(folder / "diffusion_pytorch_model.safetensors")), state)
+    (tmp_path / "mine").mkdir()
+    (tmp_path / "mine" / "notes.txt").write_text("keep me")
+    with pytest.raises(SftoolsError, match="holds other files"):
+        convert(src, str(tmp_path / "mine"), max_shard_size="1GB")
+    assert os.listdir(tmp_path / "mine") == ["notes.txt"]
+
+
+def test_folders_holding_several_models_and_lora_files_given_to_convert_are_refused(tmp_path):
+    src, state = source(tmp_path, "original")
+    from safetensors.torch import save_file
+
+    save_file({"diffusion_model.blocks.0.ffn.0.diff_b": torch.ones(64)}, str(tmp_path / "lora.safetensors"))
+    with pytest.raises(SftoolsError, match="several models or files"):
+        open_checkpoint(str(tmp_path))
+    with pytest.raises(SftoolsError, match="is a LoRA, not a model"):
+        convert(str(tmp_path / "lora.safetensors"), str(tmp_path / "o.safetensors"))

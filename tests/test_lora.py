@@ -123,6 +123,9 @@ def test_same_seed_gives_an_identical_file(tmp_path):
         outs.append(tmp_path / f"l{i}.safetensors")
         write_lora(str(outs[-1]), lora, "comfyui", torch.bfloat16, {"seed": "7"})
     assert outs[0].read_bytes() == outs[1].read_bytes()
+    other, _ = extract(b, t, ExtractOptions(rank=4, seed=8))
+    name = "blocks.0.ffn.0.weight"
+    assert not torch.equal(other.factors[name][0], lora.factors[name][0])  # the seed is used
 
 
 def diffusers_fused(lora_path: str, base: dict[str, torch.Tensor], config=TINY) -> dict[str, torch.Tensor]:
@@ -169,9 +172,12 @@ def test_inputs_in_mixed_layouts_pair_by_original_name(tmp_path):
     base, tuned = planted(rank=None)
     b1, t1 = write_pair(tmp_path, base, tuned)
     b2, t2 = write_pair(tmp_path, base, tuned, base_layout="diffusers", tuned_layout="self-forcing")
-    a, _ = extract(b1, t1, ExtractOptions(rank=4))
-    c, _ = extract(b2, t2, ExtractOptions(rank=4))
+    a, report_a = extract(b1, t1, ExtractOptions(rank=4))
+    c, report_c = extract(b2, t2, ExtractOptions(rank=4))
     assert set(a.factors) == set(c.factors) and set(a.diffs) == set(c.diffs)
+    assert (report_a["base_fingerprint"], report_a["tuned_fingerprint"]) == \
+        (report_c["base_fingerprint"], report_c["tuned_fingerprint"])  # the same weights, another layout
+    assert report_a["base_fingerprint"] != report_a["tuned_fingerprint"]
     for name, (up, down) in a.factors.items():
         assert torch.equal(up, c.factors[name][0]) and torch.equal(down, c.factors[name][1])
 
@@ -194,11 +200,51 @@ def test_fp8_scaled_base_is_dequantized_before_differencing(tmp_path):
     assert report["summary"]["max_rel_error"] < 1e-5
 
 
-def test_t2v_extraction_writes_no_image_conditioning_keys(tmp_path):
+@pytest.mark.parametrize("suffix,per_channel", [(".scale_weight", True), (".weight_scale", False)])
+def test_fp8_scales_per_channel_and_in_kijais_spelling_are_applied(tmp_path, suffix, per_channel):
+    base, _ = planted()
+    linear = [n for n, w in base.items() if w.dim() == 2]
+    scales = {n: (base[n].abs().amax(1) if per_channel else base[n].abs().max()) / 448.0 for n in linear}
+    shaped = {n: s[:, None] if per_channel else s for n, s in scales.items()}
+    fp8 = {n: (w / shaped[n]).to(torch.float8_e4m3fn) if n in scales else w for n, w in base.items()}
+    dequant = {n: fp8[n].float() * shaped[n] if n in scales else w for n, w in base.items()}
+    gen = torch.Generator().manual_seed(3)
+    tuned = {n: w + 0.05 * torch.randn(w.shape[0], 2, generator=gen) @ torch.randn(2, w.shape[1], generator=gen)
+             if n in scales else w.clone() for n, w in dequant.items()}
+    save_file({**fp8, **{n[: -len(".weight")] + suffix: s.reshape(-1) if per_channel else s.reshape(())
+                         for n, s in scales.items()}}, str(tmp_path / "base_fp8.safetensors"))
+    save_file(tuned, str(tmp_path / "tuned.safetensors"))
+    _, report = extract(str(tmp_path / "base_fp8.safetensors"), str(tmp_path / "tuned.safetensors"),
+                        ExtractOptions(rank=2, dtype=torch.float32))
+    assert report["summary"]["lora_modules"] == len(linear) and report["summary"]["max_rel_error"] < 1e-5
+
+
+def test_loras_identical_models_and_non_wan_files_are_refused_as_inputs(tmp_path):
     base, tuned = planted()
     b, t = write_pair(tmp_path, base, tuned)
-    lora, _ = extract(b, t, ExtractOptions(rank=4))
-    assert not [p for p in lora.params if "img" in p]
+    lora, report = extract(b, t, ExtractOptions(rank=4))
+    write_lora(str(tmp_path / "l.safetensors"), lora, "comfyui", torch.bfloat16, {})
+    with pytest.raises(SftoolsError, match="is a LoRA, not a model"):
+        extract(str(tmp_path / "l.safetensors"), t, ExtractOptions())
+    with pytest.raises(SftoolsError, match="nothing to extract"):
+        extract(b, b, ExtractOptions())
+    save_file({"encoder.conv.weight": torch.ones(2, 2)}, str(tmp_path / "vae.safetensors"))
+    with pytest.raises(SftoolsError, match="is not a Wan 2.1 transformer"):
+        extract(str(tmp_path / "vae.safetensors"), str(tmp_path / "vae.safetensors"), ExtractOptions())
+
+
+def test_selections_diffusers_cannot_load_are_reported(tmp_path):
+    from sftools.lora.forms import diffusers_problems
+
+    base, tuned = planted()
+    b, t = write_pair(tmp_path, base, tuned)
+    full, _ = extract(b, t, ExtractOptions(rank=4))
+    assert diffusers_problems(full) == []
+    head_only, _ = extract(b, t, ExtractOptions(rank=4, include=r"^head\."))
+    assert diffusers_problems(head_only) == ["it has no blocks.N keys, which the converter requires"]
+    no_text, _ = extract(b, t, ExtractOptions(rank=4, exclude=r"^text_embedding\.0\.weight$"))
+    assert diffusers_problems(no_text) == [
+        "text_embedding.0.bias changes without factors for its weight, which the converter requires"]
 
 
 def test_different_model_kinds_and_shapes_are_refused_before_any_work(tmp_path):
@@ -266,6 +312,24 @@ def test_forms_round_trip_and_kohya_and_lightx2v_files_are_read(tmp_path):
     save_file(lightx2v, str(tmp_path / "x.safetensors"))
     x = read_lora(open_checkpoint(str(tmp_path / "x.safetensors")))
     assert sorted(x.diffs) == ["blocks.1.modulation", "head.head.weight", "head.modulation"]
+
+
+def test_diffusers_form_alpha_scales_factors_and_bias_like_peft(tmp_path):
+    gen = torch.Generator().manual_seed(7)
+    a, bm, bias = torch.randn(4, 32, generator=gen), torch.randn(32, 4, generator=gen), torch.randn(32, generator=gen)
+    save_file({"transformer.blocks.0.attn1.to_q.lora_A.weight": a, "transformer.blocks.0.attn1.to_q.lora_B.weight": bm,
+               "transformer.blocks.0.attn1.to_q.lora_B.bias": bias}, str(tmp_path / "d.safetensors"),
+              metadata={"lora_adapter_metadata": json.dumps({"transformer.r": 4, "transformer.lora_alpha": 8})})
+    lora = read_lora(open_checkpoint(str(tmp_path / "d.safetensors")))
+    assert torch.allclose(lora.delta("blocks.0.self_attn.q.weight", (32, 32)), 2.0 * bm @ a)
+    assert torch.allclose(lora.diffs["blocks.0.self_attn.q.bias"], 2.0 * bias)
+
+
+def test_resize_refuses_meaningless_targets():
+    lora = Lora(factors={"blocks.0.ffn.0.weight": (torch.ones(64, 2), torch.ones(2, 32))})
+    for rank, energy in ((0, None), (None, 0.0), (None, 1.5)):
+        with pytest.raises(SftoolsError, match="--rank must be|--energy must be"):
+            resize(lora, rank, energy)
 
 
 def test_lora_strength_argument_parsing():

@@ -8,10 +8,10 @@ import click
 
 from sftools.cli.common import emit
 from sftools.convert import DTYPES
-from sftools.io.output import atomic_target
+from sftools.io.output import atomic_target, check_destination
 from sftools.io.sources import open_checkpoint
 from sftools.lora.extract import ExtractOptions, extract, lora_metadata
-from sftools.lora.forms import FORMS, read_lora, write_lora
+from sftools.lora.forms import FORMS, diffusers_problems, read_lora, write_lora
 from sftools.lora.merge import merge, parse_lora_arg, resize
 from sftools.lora.svd import METHODS, RANK_MODES
 
@@ -48,18 +48,23 @@ def extract_cmd(base, tuned, output, rank, rank_mode, energy, form, dtype, devic
     """Extract a LoRA from TUNED minus BASE, one tensor pair in memory at a time."""
     opts = ExtractOptions(rank, rank_mode, energy, svd, oversample, niter, seed, include, exclude,
                           not no_full_diffs, min_diff, device, OUT_DTYPES[dtype])
+    for path in filter(None, (output, report_path)):
+        check_destination(path)  # before minutes of work, not after
     lora, report = extract(base, tuned, opts)
-    dropped = write_lora(output, lora, form, opts.dtype, lora_metadata(report))
-    report["output"], report["format"], report["not_in_form"] = output, form, dropped
+    report["format"], report["output"] = form, output
+    report["diffusers_problems"] = diffusers_problems(lora) if form == "comfyui" else []
     if report_path:
         with atomic_target(report_path) as tmp, open(tmp, "w") as f:
             json.dump(report, f, indent=1)
+    report["not_in_form"] = write_lora(output, lora, form, opts.dtype, lora_metadata(report))
+    dropped = report["not_in_form"]
     s = report["summary"]
     lines = [f"{output}: {s['lora_modules']} LoRA modules (rank {s['ranks']}), {s['full_diffs']} full diffs, "
              f"{s['unchanged']} unchanged, {s['excluded']} excluded; weighted relative error "
              f"{s['weighted_rel_error']:.4g} (max {s['max_rel_error']:.4g}); {s['seconds']:.1f} s"]
     if dropped:
         lines.append(f"  the {form} form cannot carry {len(dropped)} dense diffs (first: {dropped[0]}); left out")
+    lines += [f"  warning: diffusers will not load this file: {p}" for p in report["diffusers_problems"]]
     emit({k: v for k, v in report.items() if k != "layers"}, as_json, lines)
 
 
@@ -81,14 +86,14 @@ def merge_cmd(base, loras, output, dtype, as_json) -> None:
 @click.option("--rank", type=int, help="New rank (the cap, with --energy).")
 @click.option("--energy", type=float, help="Keep this fraction of each module's energy.")
 @click.option("--format", "form", type=click.Choice(FORMS), default="comfyui", show_default=True)
-@click.option("--dtype", type=click.Choice(list(OUT_DTYPES)), default="bf16", show_default=True)
+@click.option("--dtype", type=click.Choice(list(DTYPES)), default="keep", show_default=True)
 @click.option("--json", "as_json", is_flag=True)
 def resize_cmd(lora, output, rank, energy, form, dtype, as_json) -> None:
     """Lower a LoRA's rank without forming full matrices."""
     if rank is None and energy is None:
         raise click.UsageError("give --rank or --energy")
     smaller, layers = resize(read_lora(open_checkpoint(lora)), rank, energy)
-    write_lora(output, smaller, form, OUT_DTYPES[dtype], {"sftools.resized_from": lora})
+    write_lora(output, smaller, form, DTYPES[dtype] or smaller.dtype, {"sftools.resized_from": lora})
     worst = max((layer["rel_error"] for layer in layers), default=0.0)
     emit({"output": output, "layers": layers}, as_json,
          [f"{output}: {len(layers)} modules resized; largest relative error {worst:.4g}"])
@@ -98,8 +103,9 @@ def resize_cmd(lora, output, rank, energy, form, dtype, as_json) -> None:
 @click.argument("lora")
 @click.option("-o", "--output", required=True)
 @click.option("--format", "form", type=click.Choice(FORMS), required=True)
-@click.option("--dtype", type=click.Choice(list(OUT_DTYPES)), default="bf16", show_default=True)
+@click.option("--dtype", type=click.Choice(list(DTYPES)), default="keep", show_default=True)
 def convert_cmd(lora, output, form, dtype) -> None:
     """Re-write a LoRA (comfyui, diffusers, kohya lora_unet_, LightX2V diff_m) as comfyui or diffusers."""
-    dropped = write_lora(output, read_lora(open_checkpoint(lora)), form, OUT_DTYPES[dtype], {"sftools.converted_from": lora})
+    source = read_lora(open_checkpoint(lora))
+    dropped = write_lora(output, source, form, DTYPES[dtype] or source.dtype, {"sftools.converted_from": lora})
     click.echo(f"{output}: written in {form} form" + (f"; left out {len(dropped)} dense diffs" if dropped else ""))

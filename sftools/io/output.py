@@ -43,12 +43,23 @@ def progress(total: int, desc: str, unit: str = "B") -> tqdm:
     return tqdm(total=total, desc=desc, unit=unit, unit_scale=True, disable=not sys.stderr.isatty(), leave=False)
 
 
+def check_destination(dst: str) -> None:
+    """Refuse, before any work, a destination file that could not be written."""
+    parent = os.path.dirname(os.path.abspath(dst)) or "."
+    if not os.path.isdir(parent):
+        raise SftoolsError(f"{dst}: folder {parent} does not exist")
+    if os.path.isdir(dst):
+        raise SftoolsError(f"{dst}: is a folder; give a file name")
+
+
 @contextlib.contextmanager
 def atomic_target(dst: str, is_dir: bool = False) -> Iterator[str]:
     """Yield a temporary path beside `dst`; move it to `dst` only if the block succeeds."""
     parent = os.path.dirname(os.path.abspath(dst)) or "."
-    if not os.path.isdir(parent):
-        raise SftoolsError(f"{dst}: folder {parent} does not exist")
+    if is_dir:
+        _check_folder_destination(dst, parent)
+    else:
+        check_destination(dst)
     base = os.path.basename(os.path.normpath(dst))
     tmp = tempfile.mkdtemp(prefix=f".{base}.", suffix=".tmp", dir=parent) if is_dir else \
         os.path.join(parent, f".{base}.{os.getpid()}.tmp")
@@ -65,19 +76,29 @@ def atomic_target(dst: str, is_dir: bool = False) -> Iterator[str]:
             os.remove(tmp)
 
 
-def _replace_dir(tmp: str, dst: str) -> None:
+def _check_folder_destination(dst: str, parent: str) -> None:
+    """An output folder may be new, or one holding only files sftools writes there."""
+    if not os.path.isdir(parent):
+        raise SftoolsError(f"{dst}: folder {parent} does not exist")
     if not os.path.exists(dst):
-        os.rename(tmp, dst)
         return
     if not os.path.isdir(dst):
         raise SftoolsError(f"{dst}: exists and is not a folder")
-    # Replace our own file names inside an existing folder; stale shards of an earlier run go first
-    # so the folder never mixes two conversions.
-    for old in os.listdir(dst):
-        if old.startswith(SHARD_STEM):
-            os.remove(os.path.join(dst, old))
-    for name in os.listdir(tmp):
-        os.replace(os.path.join(tmp, name), os.path.join(dst, name))
+    foreign = [n for n in os.listdir(dst) if not (n.startswith(SHARD_STEM) or n == "config.json")]
+    if foreign:
+        raise SftoolsError(f"{dst}: folder holds other files ({foreign[0]}, ...); choose an empty or new folder")
+
+
+def _replace_dir(tmp: str, dst: str) -> None:
+    """Move the finished folder into place; an existing one is swapped out whole, never mixed
+    file by file with the new output."""
+    if not os.path.exists(dst):
+        os.rename(tmp, dst)
+        return
+    old = tmp + ".old"
+    os.rename(dst, old)
+    os.rename(tmp, dst)
+    shutil.rmtree(old, ignore_errors=True)
 
 
 def write_file(dst: str, tensors: list[PlannedTensor], metadata: dict[str, str], desc: str = "writing") -> None:

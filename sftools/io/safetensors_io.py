@@ -60,7 +60,10 @@ def read_safetensors(path: str) -> Checkpoint:
     """A checkpoint of lazy tensors from one `.safetensors` file."""
     header, _ = read_header(path)
     metadata = header.pop("__metadata__", None) or {}
-    handle = safe_open(path, framework="pt", backend="pread")
+    try:
+        handle = safe_open(path, framework="pt", backend="pread")
+    except Exception as exc:  # safetensors' own error types: its checks are stricter than ours
+        raise SftoolsError(f"{path}: safetensors refuses the file: {exc}") from None
     tensors = {}
     for name, info in header.items():
         dtype = TORCH_DTYPES.get(info["dtype"])

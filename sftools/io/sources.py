@@ -9,6 +9,7 @@ from __future__ import annotations
 import glob
 import json
 import os
+import re
 
 from sftools.errors import SftoolsError
 from sftools.io.lazy import Checkpoint
@@ -16,6 +17,7 @@ from sftools.io.safetensors_io import read_safetensors
 from sftools.io.torch_pickle import read_pickle_checkpoint
 
 PICKLE_SUFFIXES = (".pt", ".pth", ".ckpt", ".bin", ".pkl", ".pickle")
+SHARD_NAME = re.compile(r"-\d{5}-of-\d{5}(?=\.safetensors$)")  # model-00001-of-00003.safetensors
 
 
 def open_checkpoint(path: str) -> Checkpoint:
@@ -46,6 +48,9 @@ def _read_folder(path: str) -> Checkpoint:
     files = sorted(glob.glob(os.path.join(path, "*.safetensors")))
     if not files:
         raise SftoolsError(f"{path}: folder holds no .safetensors files")
+    if len(files) > 1 and len({SHARD_NAME.sub("", os.path.basename(f)) for f in files}) > 1:
+        names = ", ".join(os.path.basename(f) for f in files[:3])
+        raise SftoolsError(f"{path}: folder holds several models or files ({names}, ...); name one, or its index")
     return _merge(path, "safetensors-folder", files)
 
 

@@ -19,6 +19,7 @@ import re
 import time
 import zlib
 from dataclasses import asdict, dataclass, field
+
 import torch
 
 from sftools import __version__
@@ -29,7 +30,7 @@ from sftools.io.output import progress
 from sftools.io.safetensors_io import tensor_bytes
 from sftools.lora.forms import Lora
 from sftools.lora.svd import METHODS, RANK_MODES, choose_rank, factorize, seed_for
-from sftools.wan.fp8 import dequantize
+from sftools.wan.detect import describe
 
 
 @dataclass
@@ -55,6 +56,8 @@ class ExtractOptions:
             raise SftoolsError(f"unknown rank mode {self.rank_mode!r} or SVD method {self.svd!r}")
         if not 0 < self.energy <= 1:
             raise SftoolsError(f"--energy must be in (0, 1], got {self.energy}")
+        if self.oversample < 0 or self.niter < 0:
+            raise SftoolsError(f"--oversample and --niter must be >= 0, got {self.oversample} and {self.niter}")
         for pattern in (self.include, self.exclude):
             if pattern:
                 try:
@@ -66,9 +69,13 @@ class ExtractOptions:
 def resolve_device(name: str) -> torch.device:
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if name.startswith("cuda") and not torch.cuda.is_available():
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        raise SftoolsError(f"--device {name!r} is not a device (auto, cpu, cuda, cuda:N)") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
         raise SftoolsError("--device cuda was asked for, but torch sees no CUDA device")
-    return torch.device(name)
+    return device
 
 
 def is_factored(name: str, shape: tuple[int, ...]) -> bool:
@@ -78,8 +85,16 @@ def is_factored(name: str, shape: tuple[int, ...]) -> bool:
 
 def open_pair(base_path: str, tuned_path: str) -> tuple[Checkpoint, Checkpoint]:
     """Both models in original names, checked against each other before any tensor is read."""
-    base = dequantize(load_model(base_path, layout="original"))
-    tuned = dequantize(load_model(tuned_path, layout="original"))
+    base = load_model(base_path, layout="original", dequant=True)
+    tuned = load_model(tuned_path, layout="original", dequant=True)
+    kinds = []
+    for path, ckpt in ((base_path, base), (tuned_path, tuned)):
+        d = describe({n: t.shape for n, t in ckpt.tensors.items()})
+        if not d.kind.startswith("wan2.1"):
+            raise SftoolsError(f"{path}: is not a Wan 2.1 transformer (found {d.kind}); LoRAs are extracted between models")
+        kinds.append(d.kind)
+    if kinds[0] != kinds[1]:
+        raise SftoolsError(f"{base_path} is {kinds[0]} but {tuned_path} is {kinds[1]}: the models are of different kinds")
     for name in tuned.tensors:
         if name not in base.tensors:
             raise SftoolsError(f"{tuned_path}: has {name}, which {base_path} lacks: the models are of different kinds")
@@ -102,6 +117,8 @@ def extract(base_path: str, tuned_path: str, opts: ExtractOptions) -> tuple[Lora
         for name, lazy in base.tensors.items():
             bar.update(lazy.nbytes)
             run.pair(name, lazy.load(), tuned.tensors[name].load())
+    if not run.layers:
+        raise SftoolsError(f"{tuned_path}: no selected tensor differs from {base_path}; nothing to extract")
     return run.lora, _report(base_path, tuned_path, run, time.perf_counter() - started)
 
 
@@ -115,12 +132,12 @@ class _Run:
     layers: list[dict] = field(default_factory=list)
     unchanged: int = 0
     excluded: int = 0
-    fingerprints: list[int] = field(default_factory=lambda: [0, 0])
+    crcs: tuple[dict, dict] = field(default_factory=lambda: ({}, {}))  # per side: name -> CRC of its bytes
 
     def pair(self, name: str, base: torch.Tensor, tuned: torch.Tensor) -> None:
         """Fingerprint one base/tuned pair, then skip, exclude or extract it."""
-        for i, t in enumerate((base, tuned)):
-            self.fingerprints[i] = zlib.crc32(tensor_bytes(t), zlib.crc32(name.encode(), self.fingerprints[i]))
+        for side, t in zip(self.crcs, (base, tuned)):
+            side[name] = zlib.crc32(tensor_bytes(t))
         opts, factored = self.opts, is_factored(name, tuple(base.shape))
         if (opts.include and not re.search(opts.include, name)) or (opts.exclude and re.search(opts.exclude, name)) \
                 or (not factored and not opts.full_diffs):
@@ -158,6 +175,15 @@ def _extract_one(name: str, delta: torch.Tensor, factored: bool, opts: ExtractOp
             "seconds": time.perf_counter() - started}
 
 
+def fingerprint(crcs: dict[str, int]) -> int:
+    """One CRC over (name, CRC) in name order: the same weights give the same fingerprint whatever
+    their file layout or order."""
+    out = 0
+    for name in sorted(crcs):
+        out = zlib.crc32(f"{name}:{crcs[name]:08x};".encode(), out)
+    return out
+
+
 def residual_norm(delta: torch.Tensor, up: torch.Tensor, down: torch.Tensor) -> float:
     """||delta - up @ down||_F with a single temporary matrix."""
     return float(torch.linalg.vector_norm(torch.addmm(delta, up, down, alpha=-1)))
@@ -169,7 +195,7 @@ def _report(base_path: str, tuned_path: str, run: _Run, seconds: float) -> dict:
     weighted = math.sqrt(sum((layer["rel_error"] * layer["norm"]) ** 2 for layer in layers) / total) if total else 0.0
     ranks = [layer["rank"] for layer in layers if layer["kind"] == "lora"]
     options = {k: (str(v).removeprefix("torch.") if k == "dtype" else v) for k, v in asdict(opts).items()}
-    fingerprints = run.fingerprints
+    fingerprints = [fingerprint(side) for side in run.crcs]
     return {
         "tool": f"sftools {__version__}",
         "base": base_path,

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import json
 import re
+from collections import Counter
 from dataclasses import dataclass, field
 
 import torch
@@ -46,6 +47,7 @@ class Lora:
     factors: dict[str, tuple[torch.Tensor, torch.Tensor]] = field(default_factory=dict)
     diffs: dict[str, torch.Tensor] = field(default_factory=dict)
     metadata: dict[str, str] = field(default_factory=dict)
+    dtype: torch.dtype = torch.float32  # what the file it was read from stored (most tensors)
 
     def delta(self, param: str, shape: tuple[int, ...]) -> torch.Tensor | None:
         """The full fp32 delta this LoRA adds to `param`, or None."""
@@ -84,7 +86,15 @@ def read_lora(ckpt: Checkpoint) -> Lora:
     """Any supported LoRA form into the in-memory form (alpha baked into the factors)."""
     names = list(ckpt.tensors)
     if any(n.startswith("transformer.") for n in names) and not any(n.startswith("diffusion_model.") for n in names):
-        return _read_diffusers(ckpt)
+        lora = _read_diffusers(ckpt)
+    else:
+        lora = _read_original(ckpt)
+    dtypes = Counter(t.dtype for t in ckpt.tensors.values())
+    lora.dtype = dtypes.most_common(1)[0][0] if dtypes else torch.float32
+    return lora
+
+
+def _read_original(ckpt: Checkpoint) -> Lora:
     parts: dict[str, dict[str, torch.Tensor]] = {}
     for name, lazy in ckpt.tensors.items():
         module, kind = _split(ckpt.path, name)
@@ -95,7 +105,11 @@ def read_lora(ckpt: Checkpoint) -> Lora:
             if "up" not in p or "down" not in p:
                 raise SftoolsError(f"{ckpt.path}: LoRA module {module} has only one of its two factors")
             up, down = p["up"].float(), p["down"].float()
+            if up.shape[1] != down.shape[0]:
+                raise SftoolsError(f"{ckpt.path}: LoRA module {module} has up rank {up.shape[1]} but down rank {down.shape[0]}")
             if "alpha" in p:
+                if p["alpha"].numel() != 1:
+                    raise SftoolsError(f"{ckpt.path}: LoRA module {module} has an alpha of {p['alpha'].numel()} values")
                 up = up * (float(p["alpha"]) / down.shape[0])
             lora.factors[_check(ckpt.path, module + ".weight")] = (up, down)
         if "diff" in p:
@@ -142,13 +156,17 @@ def _read_diffusers(ckpt: Checkpoint) -> Lora:
         original = diffusers_name_to_original(module + ".weight")
         if original is None:
             raise SftoolsError(f"{ckpt.path}: LoRA module {module} has no original Wan name")
+        scale = 1.0  # without an adapter config diffusers takes alpha = rank
+        if "r" in config:
+            r = config.get("rank_pattern", {}).get(module, config["r"])
+            scale = config.get("alpha_pattern", {}).get(module, config.get("lora_alpha", r)) / r
         if "lora_A.weight" in p and "lora_B.weight" in p:
             down, up = p["lora_A.weight"].float(), p["lora_B.weight"].float()
-            r = config.get("rank_pattern", {}).get(module, config.get("r", down.shape[0]))
-            alpha = config.get("alpha_pattern", {}).get(module, config.get("lora_alpha", r))
-            lora.factors[original] = (up * (alpha / r), down)
-        if "lora_B.bias" in p:
-            lora.diffs[original[: -len(".weight")] + ".bias"] = p["lora_B.bias"].float()
+            if up.shape[1] != down.shape[0]:
+                raise SftoolsError(f"{ckpt.path}: LoRA module {module} has lora_B rank {up.shape[1]} but lora_A rank {down.shape[0]}")
+            lora.factors[original] = (up * scale, down)
+        if "lora_B.bias" in p:  # peft scales lora_B's output, bias included
+            lora.diffs[original[: -len(".weight")] + ".bias"] = p["lora_B.bias"].float() * scale
     return lora
 
 
@@ -203,6 +221,22 @@ def _diffusers_tensors(lora: Lora) -> tuple[dict[str, torch.Tensor], dict[str, s
     # Pipeline-level adapter metadata is keyed by component, as diffusers' `_pack_dict_with_prefix` writes it.
     packed = {f"transformer.{k}": v for k, v in config.items()}
     return out, {"lora_adapter_metadata": json.dumps(packed, sort_keys=True)}, dropped
+
+
+def diffusers_problems(lora: Lora) -> list[str]:
+    """Why diffusers' Wan LoRA converter (`_convert_non_diffusers_wan_lora_to_diffusers`) would refuse
+    this LoRA in the comfyui form; empty when it loads."""
+    params = lora.params
+    problems = []
+    if not any(p.startswith("blocks.") for p in params):
+        problems.append("it has no blocks.N keys, which the converter requires")
+    if any(p.startswith("vace_blocks.") for p in params):
+        problems.append("it targets vace_blocks, which the converter has no mapping for")
+    for p in params:
+        if p.endswith(".bias") and p[: -len(".bias")] + ".weight" not in lora.factors \
+                and re.match(r"^(text_embedding|time_embedding)\.", p):
+            problems.append(f"{p} changes without factors for its weight, which the converter requires")
+    return problems
 
 
 def write_lora(path: str, lora: Lora, form: str, dtype: torch.dtype, metadata: dict[str, str]) -> list[str]:

@@ -15,7 +15,6 @@ from sftools.io.safetensors_io import PlannedTensor
 from sftools.io.sources import open_checkpoint
 from sftools.lora.forms import Lora, read_lora
 from sftools.lora.svd import choose_rank
-from sftools.wan.fp8 import dequantize
 
 
 def parse_lora_arg(arg: str) -> tuple[str, float]:
@@ -31,7 +30,7 @@ def parse_lora_arg(arg: str) -> tuple[str, float]:
 
 def merge(base_path: str, loras: list[tuple[str, float]], out: str, dtype: str = "keep") -> dict:
     """Write base + sum(strength * delta); every LoRA is checked against the base before writing."""
-    base = dequantize(load_model(base_path, layout="original"))
+    base = load_model(base_path, layout="original", dequant=True)
     loaded = [(path, strength, read_lora(open_checkpoint(path))) for path, strength in loras]
     for path, _, lora in loaded:
         for param in lora.params:
@@ -81,6 +80,10 @@ def resize(lora: Lora, rank: int | None, energy: float | None) -> tuple[Lora, li
     full matrix is never formed; dense diffs are kept as they are."""
     if rank is None and energy is None:
         raise SftoolsError("lora resize needs --rank or --energy")
+    if rank is not None and rank < 1:
+        raise SftoolsError(f"--rank must be at least 1, got {rank}")
+    if energy is not None and not 0 < energy <= 1:
+        raise SftoolsError(f"--energy must be in (0, 1], got {energy}")
     out, layers = Lora(diffs=dict(lora.diffs), metadata=dict(lora.metadata)), []
     for param, (up, down) in lora.factors.items():
         up2, down2 = up.float().flatten(1), down.float().flatten(1)

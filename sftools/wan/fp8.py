@@ -11,6 +11,7 @@ import re
 
 import torch
 
+from sftools.errors import SftoolsError
 from sftools.io.lazy import Checkpoint, LazyTensor
 
 SCALE_SUFFIXES = (".scale_weight", ".weight_scale")
@@ -31,12 +32,12 @@ def dequantize(ckpt: Checkpoint) -> Checkpoint:
     for name, t in ckpt.tensors.items():
         if DROPPED.search(name) or name.endswith(SCALE_SUFFIXES):
             continue
-        tensors[name] = _scaled(t, scales.get(name)) if t.dtype in FP8 else t
+        tensors[name] = _scaled(name, t, scales.get(name)) if t.dtype in FP8 else t
     notes = [f"dequantized {sum(t.dtype in FP8 for t in ckpt.tensors.values())} fp8 tensors ({len(scales)} scaled)"]
     return Checkpoint(ckpt.path, ckpt.format, tensors, dict(ckpt.metadata), ckpt.notes + notes)
 
 
-def _scaled(weight: LazyTensor, scale: LazyTensor | None) -> LazyTensor:
+def _scaled(name: str, weight: LazyTensor, scale: LazyTensor | None) -> LazyTensor:
     def load() -> torch.Tensor:
         w = weight.load().float()
         if scale is None:
@@ -44,6 +45,8 @@ def _scaled(weight: LazyTensor, scale: LazyTensor | None) -> LazyTensor:
         s = scale.load().float()
         if s.numel() == w.shape[0] and s.numel() > 1:
             s = s.reshape(-1, *([1] * (w.dim() - 1)))  # one scale per output channel
+        elif s.numel() != 1:
+            raise SftoolsError(f"{name}: fp8 scale has {s.numel()} values for a weight of shape {list(w.shape)}")
         return w * s
 
     return LazyTensor(torch.float32, weight.shape, load, storage=weight.storage)
