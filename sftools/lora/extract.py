@@ -31,6 +31,7 @@ from sftools.io.safetensors_io import tensor_bytes
 from sftools.lora.forms import Lora
 from sftools.lora.svd import METHODS, RANK_MODES, choose_rank, factorize, seed_for
 from sftools.wan.detect import describe
+from sftools.wan.layouts import ORIGINAL_KEY
 
 
 @dataclass
@@ -89,10 +90,12 @@ def open_pair(base_path: str, tuned_path: str) -> tuple[Checkpoint, Checkpoint]:
     tuned = load_model(tuned_path, layout="original", dequant=True)
     kinds = []
     for path, ckpt in ((base_path, base), (tuned_path, tuned)):
-        d = describe({n: t.shape for n, t in ckpt.tensors.items()})
-        if not d.kind.startswith("wan2.1"):
-            raise SftoolsError(f"{path}: is not a Wan 2.1 transformer (found {d.kind}); LoRAs are extracted between models")
-        kinds.append(d.kind)
+        kinds.append(describe({n: t.shape for n, t in ckpt.tensors.items()}).kind)
+        # Part of a model (some blocks, one shard) is fine as long as every name is a Wan one.
+        stranger = next((n for n in ckpt.tensors if not ORIGINAL_KEY.match(n)), None)
+        if stranger is not None:
+            raise SftoolsError(f"{path}: is not a Wan 2.1 transformer ({stranger} is no Wan key); "
+                               "LoRAs are extracted between models")
     if kinds[0] != kinds[1]:
         raise SftoolsError(f"{base_path} is {kinds[0]} but {tuned_path} is {kinds[1]}: the models are of different kinds")
     for name in tuned.tensors:
