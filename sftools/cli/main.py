@@ -35,5 +35,9 @@ def main() -> None:
     except SftoolsError as exc:
         click.echo(f"sftools: error: {exc}", err=True)
         sys.exit(1)
+    except OSError as exc:  # unreadable input, read-only folder, full disk: the system's own words
+        where = f"{exc.filename}: " if exc.filename else ""
+        click.echo(f"sftools: error: {where}{exc.strerror or exc}", err=True)
+        sys.exit(1)
     except KeyboardInterrupt:
         sys.exit(130)
