@@ -11,7 +11,7 @@ import torch
 
 from sftools import __version__
 from sftools.errors import SftoolsError
-from sftools.io.lazy import Checkpoint, LazyTensor
+from sftools.io.lazy import Checkpoint, LazyTensor, dtype_counts
 from sftools.io.output import parse_size, write_file, write_sharded
 from sftools.io.safetensors_io import PlannedTensor
 from sftools.io.sources import open_checkpoint
@@ -38,9 +38,15 @@ def load_model(src: str, select: str | None = None, layout: str | None = None, d
 
 
 def stored_config(ckpt: Checkpoint) -> WanConfig | None:
-    """The exact config when the file carries one (sftools-written tiny models do)."""
+    """The exact config when the file carries a valid one (sftools-written tiny models do);
+    anything else in that metadata entry is ignored, since the shapes describe the model anyway."""
     text = ckpt.metadata.get("sftools.config")
-    return WanConfig.from_json(text) if text else None
+    try:
+        config = WanConfig.from_json(text) if text else None
+    except (ValueError, TypeError, AttributeError):
+        return None
+    valid = config and all(isinstance(v, int) and v > 0 for v in (config.dim, config.num_heads))
+    return config if valid and config.dim % config.num_heads == 0 else None
 
 
 def cast_plan(ckpt: Checkpoint, dtype: str) -> list[PlannedTensor]:
@@ -91,12 +97,15 @@ def convert(
     notes = list(ckpt.notes)
     if shared:
         notes.append(f"{shared} tensors share storage with another (views or tied weights); each is written with its own bytes")
-    to_folder = os.path.isdir(dst) or dst.endswith(os.sep) or (max_shard_size and not dst.endswith(".safetensors"))
+    # A folder when DST is one, ends in a separator, or is not a .safetensors name while sharding
+    # or writing the diffusers layout (whose home is a model folder with its config.json).
+    to_folder = os.path.isdir(dst) or dst.endswith(os.sep) or \
+        ((max_shard_size or layout == "diffusers") and not dst.endswith(".safetensors"))
     if max_shard_size and not to_folder:
         raise SftoolsError(f"{dst}: --max-shard-size needs a folder as the destination")
     if to_folder:
         extra = {}
-        if layout == "diffusers" and description.config is not None:
+        if layout == "diffusers" and description.kind.startswith("wan2.1"):  # not for a module alone
             extra["config.json"] = json.dumps(diffusers_config(config or description.config), indent=2)
         files = write_sharded(dst, planned, metadata, parse_size(max_shard_size or "5GB"), extra, desc="converting")
     else:
@@ -111,7 +120,7 @@ def convert(
         "model": description.title,
         "tensors": len(planned),
         "bytes": sum(t.nbytes for t in planned),
-        "dtypes": dict(Counter(str(t.dtype).removeprefix("torch.") for t in planned)),
+        "dtypes": dtype_counts(planned),
         "notes": notes,
     }
 

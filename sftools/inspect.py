@@ -2,9 +2,9 @@
 
 from __future__ import annotations
 
-from collections import Counter
 
 from sftools.convert import stored_config
+from sftools.io.lazy import dtype_counts
 from sftools.io.sources import open_checkpoint
 from sftools.wan.detect import LORA_MARKERS, describe, describe_lora
 from sftools.wan.layouts import unwrap
@@ -25,6 +25,6 @@ def inspect_path(path: str, select: str | None = None) -> dict:
         **description.to_dict(),
         "tensors": len(ckpt.tensors),
         "parameters": sum(t.numel for t in ckpt.tensors.values()),
-        "dtypes": dict(Counter(str(t.dtype).removeprefix("torch.") for t in ckpt.tensors.values())),
+        "dtypes": dtype_counts(ckpt.tensors.values()),
         "notes": ckpt.notes,
     }

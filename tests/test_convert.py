@@ -228,3 +228,52 @@ def test_folders_holding_several_models_and_lora_files_given_to_convert_are_refu
         open_checkpoint(str(tmp_path))
     with pytest.raises(SftoolsError, match="is a LoRA, not a model"):
         convert(str(tmp_path / "lora.safetensors"), str(tmp_path / "o.safetensors"))
+
+
+@pytest.mark.parametrize("weight_map,message", [
+    ({"a": 5}, "not a map of tensor names"),
+    (["a"], "not a map of tensor names"),
+    ({"a": "/etc/passwd"}, "is not a file name beside the index"),
+    ({"a": "../x.safetensors"}, "is not a file name beside the index"),
+])
+def test_indexes_pointing_outside_their_folder_or_malformed_are_refused(tmp_path, weight_map, message):
+    (tmp_path / "m.safetensors.index.json").write_text(json.dumps({"weight_map": weight_map}))
+    with pytest.raises(SftoolsError, match=message):
+        open_checkpoint(str(tmp_path / "m.safetensors.index.json"))
+
+
+@pytest.mark.parametrize("size", ["nan", "inf", "1e400"])
+def test_non_finite_shard_sizes_are_refused(size):
+    from sftools.io.output import parse_size
+
+    with pytest.raises(SftoolsError, match="not a size"):
+        parse_size(size)
+
+
+def test_pickle_keys_that_collide_are_refused_not_dropped(tmp_path):
+    from sftools.io.torch_pickle import scan_pickle
+
+    for i, obj in enumerate(({1: torch.ones(1), "1": torch.zeros(1)}, {"x/y": torch.ones(1), "x": {"y": torch.zeros(1)}})):
+        torch.save(obj, tmp_path / f"c{i}.pt")
+        scan = scan_pickle(str(tmp_path / f"c{i}.pt"))
+        assert not scan.safe and any("both named" in r for r in scan.refusals)
+
+
+def test_slashes_in_safetensors_keys_are_names_not_sub_dicts(tmp_path):
+    from safetensors.torch import save_file
+
+    save_file({"a/x": torch.ones(1), "b/x": torch.zeros(1)}, str(tmp_path / "s.safetensors"))
+    convert(str(tmp_path / "s.safetensors"), str(tmp_path / "o.safetensors"))
+    assert set(load_file(str(tmp_path / "o.safetensors"))) == {"a/x", "b/x"}
+
+
+def test_a_vace_module_alone_gets_no_guessed_config_and_bad_stored_configs_are_ignored(tmp_path):
+    from safetensors.torch import save_file
+    from sftools.wan.config import vace_shapes
+
+    module = {k: torch.zeros(s) for k, s in vace_shapes(PRESETS["tiny-vace"]).items()}
+    save_file(module, str(tmp_path / "module.safetensors"), metadata={"sftools.config": '{"num_heads": 0}'})
+    convert(str(tmp_path / "module.safetensors"), str(tmp_path / "module_diffusers"), layout="diffusers")
+    assert sorted(os.listdir(tmp_path / "module_diffusers")) == ["diffusion_pytorch_model.safetensors"]
+    assert set(load_file(str(tmp_path / "module_diffusers" / "diffusion_pytorch_model.safetensors"))) == \
+        set(original_to_diffusers(module).values())

@@ -368,9 +368,9 @@ def test_cli_extracts_with_a_report_and_refuses_bad_input_in_one_line(tmp_path):
         meta, keys = f.metadata(), list(f.keys())
     assert meta["sftools.lora.rank"] == "4" and meta["sftools.lora.tuned_fingerprint"] == data["tuned_fingerprint"]
     assert all(k.startswith("diffusion_model.") for k in keys) and not any(k.endswith(".alpha") for k in keys)
-    bad = subprocess.run([sys.executable, "-m", "sftools", "lora", "extract", b, t, "-o", str(tmp_path / "x.safetensors"),
-                          "--rank", "0"], capture_output=True, text=True)
-    assert bad.returncode == 1 and bad.stderr.count("\n") == 1 and "--rank must be at least 1" in bad.stderr
+    bad = subprocess.run([sys.executable, "-m", "sftools", "lora", "extract", b, b, "-o", str(tmp_path / "x.safetensors")],
+                         capture_output=True, text=True)
+    assert bad.returncode == 1 and bad.stderr.count("\n") == 1 and "nothing to extract" in bad.stderr
     assert not (tmp_path / "x.safetensors").exists()
 
 
@@ -431,3 +431,36 @@ def test_t2v_lora_loads_on_an_i2v_model_in_diffusers(tmp_path):
     up, down = lora.factors[name]
     assert torch.allclose(fused[name], i2v_base[name] + up @ down, atol=1e-6)
     assert torch.equal(fused["blocks.0.cross_attn.k_img.weight"], i2v_base["blocks.0.cross_attn.k_img.weight"])
+
+
+@pytest.mark.parametrize("tensors,metadata,message", [
+    ({"diffusion_model.blocks.0.ffn.0.lora_up.weight": torch.ones(64), "diffusion_model.blocks.0.ffn.0.lora_down.weight":
+      torch.ones(4, 32)}, None, "do not multiply"),
+    ({"diffusion_model.blocks.0.ffn.0.lora_up.weight": torch.ones(64, 4), "diffusion_model.blocks.0.ffn.0.lora_down.weight":
+      torch.ones(4, 32), "diffusion_model.blocks.0.ffn.0.alpha": torch.tensor(float("nan"))}, None, "one finite number"),
+    ({"diffusion_model.blocks.0.ffn.0.alpha": torch.tensor(4.0)}, None, "an alpha but no factors"),
+    ({"transformer.blocks.0.attn1.to_q.lora_A.weight": torch.ones(4, 32), "transformer.blocks.0.attn1.to_q.lora_B.weight":
+      torch.ones(32, 4)}, {"lora_adapter_metadata": "garbage"}, "is not a LoRA config"),
+    ({"transformer.blocks.0.attn1.to_q.lora_A.weight": torch.ones(4, 32), "transformer.blocks.0.attn1.to_q.lora_B.weight":
+      torch.ones(32, 4)}, {"lora_adapter_metadata": '{"transformer.r": 0}'}, "not a positive number"),
+    ({"transformer.blocks.0.attn1.to_q.lora_A.weight": torch.ones(4, 32), "transformer.blocks.0.attn1.to_q.lora_B.weight":
+      torch.ones(32, 4)}, {"lora_adapter_metadata": '{"transformer.r": 4, "transformer.rank_pattern": []}'}, "not a LoRA config"),
+])
+def test_malformed_loras_are_refused_by_module(tmp_path, tensors, metadata, message):
+    path = tmp_path / "bad.safetensors"
+    save_file(tensors, str(path), metadata=metadata)
+    with pytest.raises(SftoolsError, match=message):
+        read_lora(open_checkpoint(str(path)))
+
+
+def test_a_file_without_lora_tensors_is_not_a_lora(tmp_path):
+    torch.save({"step": 3}, tmp_path / "empty.pt")
+    with pytest.raises(SftoolsError, match="holds no LoRA factors or diffs"):
+        read_lora(open_checkpoint(str(tmp_path / "empty.pt")))
+
+
+def test_merge_strengths_must_be_finite_numbers(tmp_path):
+    with pytest.raises(SftoolsError, match="not a finite number"):
+        parse_lora_arg(str(tmp_path / "l.safetensors") + ":inf")
+    with pytest.raises(SftoolsError, match="is not a number"):
+        parse_lora_arg(str(tmp_path / "l.safetensors") + ":abc")

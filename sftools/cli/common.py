@@ -15,9 +15,11 @@ def emit(report: dict, as_json: bool, lines: list[str]) -> None:
             click.echo(line)
 
 
-def human_bytes(n: int) -> str:
+def human_bytes(n: float) -> str:
+    """1234567 -> '1.23 MB' (decimal units)."""
+    unit = "B"
     for unit in ("B", "KB", "MB", "GB", "TB"):
         if n < 1000 or unit == "TB":
-            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.2f} {unit}"
+            break
         n /= 1000
-    return str(n)
+    return f"{n:.0f} {unit}" if unit == "B" else f"{n:.2f} {unit}"

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import os
+import re
 
 import click
 
@@ -16,6 +18,14 @@ from sftools.lora.merge import merge, parse_lora_arg, resize
 from sftools.lora.svd import METHODS, RANK_MODES
 
 OUT_DTYPES = {k: v for k, v in DTYPES.items() if v is not None}
+RANK = click.IntRange(min=1)
+ENERGY = click.FloatRange(min=0, max=1, min_open=True)
+
+
+def _device(value: str) -> str:
+    if not re.fullmatch(r"auto|cpu|cuda(:\d+)?", value):
+        raise click.BadParameter(f"{value!r} is not one of auto, cpu, cuda, cuda:N")
+    return value
 
 
 @click.group("lora")
@@ -27,15 +37,16 @@ def lora_group() -> None:
 @click.argument("base")
 @click.argument("tuned")
 @click.option("-o", "--output", required=True, help="The LoRA file to write (.safetensors).")
-@click.option("--rank", type=int, default=32, show_default=True, help="Rank (the cap, in energy mode).")
+@click.option("--rank", type=RANK, default=32, show_default=True, help="Rank (the cap, in energy mode).")
 @click.option("--rank-mode", type=click.Choice(RANK_MODES), default="fixed", show_default=True)
-@click.option("--energy", type=float, default=0.99, show_default=True, help="Energy fraction kept (energy mode).")
+@click.option("--energy", type=ENERGY, default=0.99, show_default=True, help="Energy fraction kept (energy mode).")
 @click.option("--format", "form", type=click.Choice(FORMS), default="comfyui", show_default=True)
 @click.option("--dtype", type=click.Choice(list(OUT_DTYPES)), default="bf16", show_default=True)
-@click.option("--device", default="auto", show_default=True, help="auto, cpu, cuda or cuda:N.")
+@click.option("--device", default="auto", show_default=True, callback=lambda ctx, param, value: _device(value),
+              help="auto, cpu, cuda or cuda:N.")
 @click.option("--svd", type=click.Choice(METHODS), default="randomized", show_default=True)
-@click.option("--oversample", type=int, default=16, show_default=True)
-@click.option("--niter", type=int, default=4, show_default=True, help="Power iterations (randomized SVD).")
+@click.option("--oversample", type=click.IntRange(min=0), default=16, show_default=True)
+@click.option("--niter", type=click.IntRange(min=0), default=4, show_default=True, help="Power iterations (randomized SVD).")
 @click.option("--seed", type=int, default=0, show_default=True)
 @click.option("--include", help="Only parameters whose original name matches this regex.")
 @click.option("--exclude", help="Skip parameters whose original name matches this regex.")
@@ -50,6 +61,8 @@ def extract_cmd(base, tuned, output, rank, rank_mode, energy, form, dtype, devic
                           not no_full_diffs, min_diff, device, OUT_DTYPES[dtype])
     for path in filter(None, (output, report_path)):
         check_destination(path)  # before minutes of work, not after
+    if report_path and os.path.abspath(report_path) in {os.path.abspath(p) for p in (output, base, tuned)}:
+        raise click.UsageError("--report must name a file other than the output and the inputs")
     lora, report = extract(base, tuned, opts)
     report["format"], report["output"] = form, output
     report["diffusers_problems"] = diffusers_problems(lora) if form == "comfyui" else []
@@ -83,8 +96,8 @@ def merge_cmd(base, loras, output, dtype, as_json) -> None:
 @lora_group.command("resize")
 @click.argument("lora")
 @click.option("-o", "--output", required=True)
-@click.option("--rank", type=int, help="New rank (the cap, with --energy).")
-@click.option("--energy", type=float, help="Keep this fraction of each module's energy.")
+@click.option("--rank", type=RANK, help="New rank (the cap, with --energy).")
+@click.option("--energy", type=ENERGY, help="Keep this fraction of each module's energy.")
 @click.option("--format", "form", type=click.Choice(FORMS), default="comfyui", show_default=True)
 @click.option("--dtype", type=click.Choice(list(DTYPES)), default="keep", show_default=True)
 @click.option("--json", "as_json", is_flag=True)

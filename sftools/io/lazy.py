@@ -8,6 +8,7 @@ extractor asks for them, so peak memory stays near the largest tensor.
 from __future__ import annotations
 
 import math
+from collections import Counter
 from dataclasses import dataclass, field
 from typing import Callable, Iterator
 
@@ -54,6 +55,7 @@ class Checkpoint:
         tensors = {mapping[k]: v for k, v in self.tensors.items() if k in mapping}
         return Checkpoint(self.path, self.format, tensors, dict(self.metadata), self.notes + (notes or []))
 
-    @property
-    def largest_tensor_bytes(self) -> int:
-        return max((t.nbytes for t in self.tensors.values()), default=0)
+
+def dtype_counts(tensors) -> dict[str, int]:
+    """{'bfloat16': 54, ...} for anything with a `.dtype`."""
+    return dict(Counter(str(t.dtype).removeprefix("torch.") for t in tensors))

@@ -33,7 +33,7 @@ def parse_size(text: str) -> int:
         value = float(digits)
     except ValueError:
         value = -1
-    if unit not in UNITS or value <= 0:
+    if unit not in UNITS or not 0 < value < 1e18:  # also refuses nan and inf
         raise SftoolsError(f"size {text!r} is not a size like 5GB or 500MB")
     return int(value * UNITS[unit])
 
@@ -50,6 +50,8 @@ def check_destination(dst: str) -> None:
         raise SftoolsError(f"{dst}: folder {parent} does not exist")
     if os.path.isdir(dst):
         raise SftoolsError(f"{dst}: is a folder; give a file name")
+    if not os.access(parent, os.W_OK):
+        raise SftoolsError(f"{dst}: folder {parent} is not writable")
 
 
 @contextlib.contextmanager
@@ -63,6 +65,10 @@ def atomic_target(dst: str, is_dir: bool = False) -> Iterator[str]:
     base = os.path.basename(os.path.normpath(dst))
     tmp = tempfile.mkdtemp(prefix=f".{base}.", suffix=".tmp", dir=parent) if is_dir else \
         os.path.join(parent, f".{base}.{os.getpid()}.tmp")
+    if is_dir:  # mkdtemp makes 0700; an output folder gets the usual permissions
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(tmp, 0o777 & ~umask)
     try:
         yield tmp
         if is_dir:

@@ -12,7 +12,6 @@ Opcodes are decoded by `pickletools.genops`, which only parses; the stack machin
 
 from __future__ import annotations
 
-import io
 import pickletools
 from dataclasses import dataclass, field
 from typing import Any, BinaryIO, Callable
@@ -85,7 +84,6 @@ class Opaque:
 @dataclass
 class PickleResult:
     value: Any
-    globals: list[Global] = field(default_factory=list)
     opcodes: set[str] = field(default_factory=set)
     end: int = 0  # stream position after STOP
 
@@ -188,11 +186,8 @@ def _rebuild_tensor(storage: Any, offset: Any, size: Any, stride: Any, dtype: to
     return TensorRef(storage, storage.base_offset + offset, shape, strides, dtype or storage.dtype)
 
 
-def _rebuild_v1(args: tuple) -> TensorRef:
-    return _rebuild_tensor(*args[:4])
-
-
-def _rebuild_v2(args: tuple) -> TensorRef:
+def _rebuild_v1_v2(args: tuple) -> TensorRef:
+    """(storage, offset, size, stride, ...): v2 adds requires_grad, hooks and metadata we drop."""
     return _rebuild_tensor(*args[:4])
 
 
@@ -222,8 +217,8 @@ def _rebuild_from_type_v2(args: tuple) -> TensorRef:
 
 
 REBUILDERS: dict[tuple[str, str], Callable[[tuple], Any]] = {
-    ("torch._utils", "_rebuild_tensor"): _rebuild_v1,
-    ("torch._utils", "_rebuild_tensor_v2"): _rebuild_v2,
+    ("torch._utils", "_rebuild_tensor"): _rebuild_v1_v2,
+    ("torch._utils", "_rebuild_tensor_v2"): _rebuild_v1_v2,
     ("torch._utils", "_rebuild_tensor_v3"): _rebuild_v3,
     ("torch._utils", "_rebuild_parameter"): _rebuild_parameter,
     ("torch._utils", "_rebuild_parameter_with_state"): _rebuild_parameter,
@@ -248,15 +243,12 @@ def _interpret_call(func: Any, args: Any) -> Any:
 class _BoundedReader:
     """Gives genops a stream that refuses any single argument over MAX_ARG_BYTES."""
 
-    def __init__(self, f: BinaryIO, limit: int | None):
+    def __init__(self, f: BinaryIO):
         self._f = f
-        self._left = limit
 
     def _take(self, n: int) -> None:
         if n > MAX_ARG_BYTES:
             raise PickleError(f"pickle argument of {n} bytes exceeds the {MAX_ARG_BYTES}-byte bound")
-        if self._left is not None:
-            self._left -= n
 
     def read(self, n: int = -1) -> bytes:
         if n is None or n < 0:
@@ -299,7 +291,6 @@ def run_pickle(
     memo: dict[int, Any] = {}
 
     def note_global(g: Global) -> Global:
-        result.globals.append(g)
         if on_global:
             on_global(g)
         return g
@@ -316,7 +307,7 @@ def run_pickle(
             raise PickleError("memo put with an empty stack")
         memo[idx] = stack[-1]
 
-    reader = _BoundedReader(f, None)
+    reader = _BoundedReader(f)
     count = 0
     try:
         for op, arg, _pos in pickletools.genops(reader):
@@ -447,6 +438,3 @@ def _dict_from_items(target: dict, items: list) -> dict:
         target[k if type(k) in PLAIN_KEYS else f"<{type(k).__name__} key {len(target)}>"] = v
     return target
 
-
-def run_pickle_bytes(data: bytes, persistent_load: Callable[[Any], Any] | None = None) -> PickleResult:
-    return run_pickle(io.BytesIO(data), persistent_load)

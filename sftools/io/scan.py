@@ -7,6 +7,7 @@ from collections import Counter
 
 from sftools.errors import SftoolsError
 from sftools.io.pickle_vm import is_allowed
+from sftools.io.lazy import dtype_counts
 from sftools.io.sources import open_checkpoint
 from sftools.io.torch_pickle import NEST, scan_pickle
 
@@ -29,7 +30,7 @@ def scan_file(path: str) -> dict:
         "globals": [{"name": g, "count": n, "allowed": allowed[g]} for g, n in counts.items()],
         "opcodes": sorted(scan.opcodes),
         "tensors": len(scan.tensors),
-        "dtypes": dict(Counter(str(t.dtype).removeprefix("torch.") for t in scan.tensors.values())),
+        "dtypes": dtype_counts(scan.tensors.values()),
         "bytes": sum(_nbytes(t) for t in scan.tensors.values()),
         "sub_dicts": dict(groups),
         "shared_storages": _shared(scan),
@@ -55,7 +56,7 @@ def _scan_safetensors(path: str) -> dict:
         "refusals": [],
         "globals": [],
         "tensors": len(ckpt.tensors),
-        "dtypes": dict(Counter(str(t.dtype).removeprefix("torch.") for t in ckpt.tensors.values())),
+        "dtypes": dtype_counts(ckpt.tensors.values()),
         "bytes": sum(t.nbytes for t in ckpt.tensors.values()),
         "metadata": ckpt.metadata,
     }

@@ -60,6 +60,11 @@ def _read_index(index_path: str) -> Checkpoint:
             weight_map = json.load(f)["weight_map"]
     except (OSError, ValueError, KeyError, TypeError):
         raise SftoolsError(f"{index_path}: not a safetensors index (no weight_map)") from None
+    if not isinstance(weight_map, dict) or not all(isinstance(v, str) for v in weight_map.values()):
+        raise SftoolsError(f"{index_path}: weight_map is not a map of tensor names to shard files")
+    for shard in set(weight_map.values()):
+        if not shard or os.path.basename(shard) != shard:
+            raise SftoolsError(f"{index_path}: shard {shard!r} is not a file name beside the index")
     folder = os.path.dirname(os.path.abspath(index_path))
     files = sorted(set(weight_map.values()))
     merged = _merge(index_path, "safetensors-sharded", [os.path.join(folder, f) for f in files])

@@ -244,6 +244,8 @@ def _flatten(root: Any, scan: PickleScan) -> None:
                 continue
             visited.add(id(value))
         if isinstance(value, TensorRef):
+            if name in scan.tensors:  # {1: a, "1": b}, or a key holding "/" beside a sub-dict
+                scan.refuse(f"two entries are both named {name!r}; no tensor may be lost silently")
             scan.tensors[name] = value
         elif isinstance(value, dict):
             items = [(str(k) if type(k) in PLAIN_KEYS else f"<{type(k).__name__}>", v) for k, v in value.items()]

@@ -73,7 +73,9 @@ def resolve_device(name: str) -> torch.device:
     try:
         device = torch.device(name)
     except RuntimeError:
-        raise SftoolsError(f"--device {name!r} is not a device (auto, cpu, cuda, cuda:N)") from None
+        device = None
+    if device is None or device.type not in ("cpu", "cuda"):
+        raise SftoolsError(f"--device {name!r} is not one of auto, cpu, cuda, cuda:N")
     if device.type == "cuda" and not torch.cuda.is_available():
         raise SftoolsError("--device cuda was asked for, but torch sees no CUDA device")
     return device

@@ -64,10 +64,6 @@ class Lora:
     def params(self) -> list[str]:
         return list(dict.fromkeys([*self.factors, *self.diffs]))
 
-    @property
-    def ranks(self) -> list[int]:
-        return [down.shape[0] for _, down in self.factors.values()]
-
 
 def _param_for_diff(module: str) -> str:
     """`.diff` of `blocks.0.norm3` patches its `.weight`; of `blocks.0.modulation`, the parameter itself."""
@@ -89,6 +85,8 @@ def read_lora(ckpt: Checkpoint) -> Lora:
         lora = _read_diffusers(ckpt)
     else:
         lora = _read_original(ckpt)
+    if not lora.params:
+        raise SftoolsError(f"{ckpt.path}: holds no LoRA factors or diffs")
     dtypes = Counter(t.dtype for t in ckpt.tensors.values())
     lora.dtype = dtypes.most_common(1)[0][0] if dtypes else torch.float32
     return lora
@@ -104,14 +102,15 @@ def _read_original(ckpt: Checkpoint) -> Lora:
         if "up" in p or "down" in p:
             if "up" not in p or "down" not in p:
                 raise SftoolsError(f"{ckpt.path}: LoRA module {module} has only one of its two factors")
-            up, down = p["up"].float(), p["down"].float()
-            if up.shape[1] != down.shape[0]:
-                raise SftoolsError(f"{ckpt.path}: LoRA module {module} has up rank {up.shape[1]} but down rank {down.shape[0]}")
+            up, down = _factors(ckpt.path, module, p["up"], p["down"])
             if "alpha" in p:
-                if p["alpha"].numel() != 1:
-                    raise SftoolsError(f"{ckpt.path}: LoRA module {module} has an alpha of {p['alpha'].numel()} values")
-                up = up * (float(p["alpha"]) / down.shape[0])
+                alpha = p["alpha"].float()
+                if alpha.numel() != 1 or not torch.isfinite(alpha).all():
+                    raise SftoolsError(f"{ckpt.path}: LoRA module {module} has an alpha that is not one finite number")
+                up = up * (float(alpha) / down.shape[0])
             lora.factors[_check(ckpt.path, module + ".weight")] = (up, down)
+        elif "alpha" in p:
+            raise SftoolsError(f"{ckpt.path}: LoRA module {module} has an alpha but no factors")
         if "diff" in p:
             lora.diffs[_check(ckpt.path, _param_for_diff(module))] = p["diff"].float()
         if "diff_b" in p:
@@ -119,6 +118,30 @@ def _read_original(ckpt: Checkpoint) -> Lora:
         if "diff_m" in p:
             lora.diffs[_check(ckpt.path, module + ".modulation")] = p["diff_m"].float()
     return lora
+
+
+def _factors(path: str, module: str, up: torch.Tensor, down: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Check that up [out, r, ...] and down [r, in, ...] multiply; return them in fp32."""
+    if up.dim() < 2 or down.dim() < 2 or up.shape[1] != down.shape[0] or down.shape[0] == 0:
+        raise SftoolsError(f"{path}: LoRA module {module} has factors {list(up.shape)} and {list(down.shape)}, "
+                           "which do not multiply")
+    return up.float(), down.float()
+
+
+def _adapter_config(path: str, metadata: dict[str, str]) -> dict:
+    """diffusers' `lora_adapter_metadata` (keys `transformer.r`, ...), checked before it is used."""
+    try:
+        packed = json.loads(metadata.get("lora_adapter_metadata") or "{}")
+    except ValueError:
+        packed = None
+    config = {k.removeprefix("transformer."): v for k, v in packed.items()} if isinstance(packed, dict) else None
+    patterns = [config.get(p, {}) for p in ("rank_pattern", "alpha_pattern")] if config is not None else [None]
+    if not all(isinstance(p, dict) for p in patterns):
+        raise SftoolsError(f"{path}: lora_adapter_metadata is not a LoRA config")
+    numbers = [config.get("r", 1), config.get("lora_alpha", 1), *(v for p in patterns for v in p.values())]
+    if not all(isinstance(n, (int, float)) and 0 < n < float("inf") for n in numbers):
+        raise SftoolsError(f"{path}: lora_adapter_metadata has a rank or alpha that is not a positive number")
+    return config
 
 
 def _split(path: str, name: str) -> tuple[str, str]:
@@ -143,8 +166,7 @@ def _check(path: str, param: str) -> str:
 
 
 def _read_diffusers(ckpt: Checkpoint) -> Lora:
-    packed = json.loads(ckpt.metadata.get("lora_adapter_metadata", "{}") or "{}")
-    config = {k.removeprefix("transformer."): v for k, v in packed.items()}
+    config = _adapter_config(ckpt.path, ckpt.metadata)
     lora = Lora(metadata=dict(ckpt.metadata))
     parts: dict[str, dict[str, torch.Tensor]] = {}
     for name, lazy in ckpt.tensors.items():
@@ -161,9 +183,7 @@ def _read_diffusers(ckpt: Checkpoint) -> Lora:
             r = config.get("rank_pattern", {}).get(module, config["r"])
             scale = config.get("alpha_pattern", {}).get(module, config.get("lora_alpha", r)) / r
         if "lora_A.weight" in p and "lora_B.weight" in p:
-            down, up = p["lora_A.weight"].float(), p["lora_B.weight"].float()
-            if up.shape[1] != down.shape[0]:
-                raise SftoolsError(f"{ckpt.path}: LoRA module {module} has lora_B rank {up.shape[1]} but lora_A rank {down.shape[0]}")
+            up, down = _factors(ckpt.path, module, p["lora_B.weight"], p["lora_A.weight"])
             lora.factors[original] = (up * scale, down)
         if "lora_B.bias" in p:  # peft scales lora_B's output, bias included
             lora.diffs[original[: -len(".weight")] + ".bias"] = p["lora_B.bias"].float() * scale

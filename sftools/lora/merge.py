@@ -18,14 +18,18 @@ from sftools.lora.svd import choose_rank
 
 
 def parse_lora_arg(arg: str) -> tuple[str, float]:
-    """`path[:strength]`; the strength is whatever follows the last colon, if it is a number."""
+    """`path[:strength]`: what follows the last colon is the strength unless the whole argument is an
+    existing path (colons are legal in file names)."""
     path, _, tail = arg.rpartition(":")
-    if path:
-        try:
-            return path, float(tail)
-        except ValueError:
-            pass
-    return arg, 1.0
+    if not path or os.path.exists(arg):
+        return arg, 1.0
+    try:
+        strength = float(tail)
+    except ValueError:
+        raise SftoolsError(f"{arg}: strength {tail!r} is not a number") from None
+    if not math.isfinite(strength):
+        raise SftoolsError(f"{arg}: strength {tail!r} is not a finite number")
+    return path, strength
 
 
 def merge(base_path: str, loras: list[tuple[str, float]], out: str, dtype: str = "keep") -> dict:

@@ -15,6 +15,7 @@ aware (`proj_out` / `scale_shift_table` mean the head at the top level, `after_p
 from __future__ import annotations
 
 import re
+from collections import Counter
 
 from sftools.errors import SftoolsError
 from sftools.io.lazy import Checkpoint
@@ -159,7 +160,10 @@ def unwrap(ckpt: Checkpoint, select: str | None = None) -> Checkpoint:
     """Pick the model sub-dict of a training checkpoint and strip wrapper prefixes from its names."""
     tensors, notes = dict(ckpt.tensors), []
     path = [p for p in (select or "").split(NEST) if p]
-    while any(NEST in n for n in tensors):
+    nested = ckpt.format.startswith("torch")  # only pickles have sub-dicts; "/" in a safetensors key is a name
+    if path and not nested:
+        raise SftoolsError(f"{ckpt.path}: --select picks a sub-dict of a pickled training checkpoint; this file has none")
+    while nested and any(NEST in n for n in tensors):
         flat = [n for n in tensors if NEST not in n]
         groups = list(dict.fromkeys(n.split(NEST, 1)[0] for n in tensors if NEST in n))
         if flat and not path:
@@ -175,15 +179,12 @@ def unwrap(ckpt: Checkpoint, select: str | None = None) -> Checkpoint:
     if path:
         raise SftoolsError(f"{ckpt.path}: no sub-dict {path[0]!r} to select")
     renamed = {n: _strip_infixes(n) for n in tensors}
-    renamed, prefix_notes = _strip_common_prefixes(renamed)
-    clean: dict[str, str] = {}
-    for old, new in renamed.items():
-        if new in clean.values():
-            raise SftoolsError(f"{ckpt.path}: two tensors become {new} after unwrapping")
-        clean[old] = new
-    result = Checkpoint(ckpt.path, ckpt.format, {clean[n]: t for n, t in tensors.items() if n in clean},
-                        dict(ckpt.metadata), ckpt.notes + notes + prefix_notes)
-    return result
+    clean, prefix_notes = _strip_common_prefixes(renamed)
+    if len(set(clean.values())) < len(clean):
+        twice = next(n for n, count in Counter(clean.values()).items() if count > 1)
+        raise SftoolsError(f"{ckpt.path}: two tensors become {twice} after unwrapping")
+    return Checkpoint(ckpt.path, ckpt.format, {clean[n]: t for n, t in tensors.items() if n in clean},
+                      dict(ckpt.metadata), ckpt.notes + notes + prefix_notes)
 
 
 def _default_group(path: str, groups: list[str]) -> str:
