@@ -464,3 +464,11 @@ def test_merge_strengths_must_be_finite_numbers(tmp_path):
         parse_lora_arg(str(tmp_path / "l.safetensors") + ":inf")
     with pytest.raises(SftoolsError, match="is not a number"):
         parse_lora_arg(str(tmp_path / "l.safetensors") + ":abc")
+
+
+def test_a_tensor_holding_nan_is_named_not_decomposed(tmp_path):
+    base, tuned = planted()
+    tuned["blocks.1.ffn.2.weight"][0, 0] = float("nan")
+    b, t = write_pair(tmp_path, base, tuned)
+    with pytest.raises(SftoolsError, match=r"blocks.1.ffn.2.weight: the difference holds NaN or inf"):
+        extract(b, t, ExtractOptions(rank=4))

@@ -151,7 +151,10 @@ class _Run:
         delta = tuned.to(self.device, torch.float32)
         delta.sub_(base.to(self.device))  # in place: one fp32 matrix alive per pair, not three
         del base, tuned
-        if delta.numel() == 0 or float(delta.abs().max()) <= opts.min_diff:
+        largest = float(delta.abs().max()) if delta.numel() else 0.0
+        if not math.isfinite(largest):
+            raise SftoolsError(f"{name}: the difference holds NaN or inf (a corrupt base or tuned tensor)")
+        if largest <= opts.min_diff:
             self.unchanged += 1
             return
         self.layers.append(_extract_one(name, delta, factored, opts, self.lora))
