@@ -47,8 +47,8 @@ def merge(base_path: str, loras: list[tuple[str, float]], out: str, dtype: str =
         out_dtype = target or lazy.dtype
         patches = [(s, lora) for _, s, lora in loaded if name in lora.factors or name in lora.diffs]
         planned.append(PlannedTensor(name, out_dtype, lazy.shape, _merged(name, lazy, patches, out_dtype)))
-    metadata = {"format": "pt", "sftools.version": __version__, "sftools.merged": ", ".join(
-        f"{os.path.basename(p)}:{s}" for p, s, _ in loaded)}
+    metadata = {"format": "pt", "sftools.version": __version__, "sftools.source": os.path.basename(os.path.normpath(base_path)),
+                "sftools.merged": ", ".join(f"{os.path.basename(p)}:{s}" for p, s, _ in loaded)}
     write_file(out, planned, metadata, desc="merging")
     patched = sum(1 for name in base.tensors if any(name in lo.params for _, _, lo in loaded))
     return {"base": base_path, "loras": [(p, s) for p, s, _ in loaded], "output": out, "patched": patched,
