@@ -4,14 +4,13 @@ from __future__ import annotations
 
 import json
 import os
-from collections import Counter
 from typing import Iterator
 
 import torch
 
 from sftools import __version__
 from sftools.errors import SftoolsError
-from sftools.io.lazy import Checkpoint, LazyTensor, dtype_counts
+from sftools.io.lazy import Checkpoint, LazyTensor, dtype_counts, shared_count
 from sftools.io.output import parse_size, write_file, write_sharded
 from sftools.io.safetensors_io import PlannedTensor
 from sftools.io.sources import open_checkpoint
@@ -93,7 +92,8 @@ def convert(
         "sftools.source_format": ckpt.format,
         "sftools.layout": layout,
     }
-    shared = _shared_storage_count(ckpt)
+    # Pickled storages can be shared by several tensors; safetensors tensors never are.
+    shared = shared_count(t.storage[0] for t in ckpt.tensors.values()) if ckpt.format.startswith("torch") else 0
     notes = list(ckpt.notes)
     if shared:
         notes.append(f"{shared} tensors share storage with another (views or tied weights); each is written with its own bytes")
@@ -124,7 +124,3 @@ def convert(
         "notes": notes,
     }
 
-
-def _shared_storage_count(ckpt: Checkpoint) -> int:
-    keys = Counter(t.storage[0] for t in ckpt.tensors.values() if t.storage and ckpt.format.startswith("torch"))
-    return sum(n for n in keys.values() if n > 1)

@@ -56,6 +56,11 @@ class Checkpoint:
         return Checkpoint(self.path, self.format, tensors, dict(self.metadata), self.notes + (notes or []))
 
 
+def shared_count(storage_keys) -> int:
+    """How many tensors view a storage that another tensor also views (tied weights, views)."""
+    return sum(n for n in Counter(storage_keys).values() if n > 1)
+
+
 def dtype_counts(tensors) -> dict[str, int]:
     """{'bfloat16': 54, ...} for anything with a `.dtype`."""
     return dict(Counter(str(t.dtype).removeprefix("torch.") for t in tensors))

@@ -7,7 +7,7 @@ from collections import Counter
 
 from sftools.errors import SftoolsError
 from sftools.io.pickle_vm import is_allowed
-from sftools.io.lazy import dtype_counts
+from sftools.io.lazy import dtype_counts, shared_count
 from sftools.io.sources import open_checkpoint
 from sftools.io.torch_pickle import NEST, scan_pickle
 
@@ -33,7 +33,7 @@ def scan_file(path: str) -> dict:
         "dtypes": dtype_counts(scan.tensors.values()),
         "bytes": sum(_nbytes(t) for t in scan.tensors.values()),
         "sub_dicts": dict(groups),
-        "shared_storages": _shared(scan),
+        "shared_storages": shared_count(ref.storage.key for ref in scan.tensors.values()),
         "skipped": scan.skipped,
     }
 
@@ -68,8 +68,3 @@ def _nbytes(ref) -> int:
         n *= s
     return n
 
-
-def _shared(scan) -> int:
-    """How many tensors view a storage that another tensor also views (tied weights, views)."""
-    users = Counter(ref.storage.key for ref in scan.tensors.values())
-    return sum(n for n in users.values() if n > 1)
