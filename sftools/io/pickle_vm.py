@@ -12,6 +12,7 @@ Opcodes are decoded by `pickletools.genops`, which only parses; the stack machin
 
 from __future__ import annotations
 
+import math
 import pickletools
 from dataclasses import dataclass, field
 from typing import Any, BinaryIO, Callable
@@ -72,6 +73,11 @@ class TensorRef:
     shape: tuple[int, ...]
     stride: tuple[int, ...]
     dtype: torch.dtype
+
+    @property
+    def nbytes(self) -> int:
+        """Bytes of the tensor once materialized (a view can describe more than its storage holds)."""
+        return math.prod(self.shape) * self.dtype.itemsize
 
 
 @dataclass(frozen=True)

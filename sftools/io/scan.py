@@ -6,8 +6,8 @@ import os
 from collections import Counter
 
 from sftools.errors import SftoolsError
-from sftools.io.pickle_vm import is_allowed
 from sftools.io.lazy import dtype_counts, shared_count
+from sftools.io.pickle_vm import is_allowed
 from sftools.io.sources import open_checkpoint
 from sftools.io.torch_pickle import NEST, scan_pickle
 
@@ -31,7 +31,7 @@ def scan_file(path: str) -> dict:
         "opcodes": sorted(scan.opcodes),
         "tensors": len(scan.tensors),
         "dtypes": dtype_counts(scan.tensors.values()),
-        "bytes": sum(_nbytes(t) for t in scan.tensors.values()),
+        "bytes": sum(t.nbytes for t in scan.tensors.values()),
         "sub_dicts": dict(groups),
         "shared_storages": shared_count(ref.storage.key for ref in scan.tensors.values()),
         "skipped": scan.skipped,
@@ -60,11 +60,4 @@ def _scan_safetensors(path: str) -> dict:
         "bytes": sum(t.nbytes for t in ckpt.tensors.values()),
         "metadata": ckpt.metadata,
     }
-
-
-def _nbytes(ref) -> int:
-    n = ref.dtype.itemsize
-    for s in ref.shape:
-        n *= s
-    return n
 

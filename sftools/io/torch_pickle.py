@@ -268,9 +268,8 @@ def _check_tensors(scan: PickleScan) -> None:
             scan.refuse(f"tensor {name} has a negative size")
             continue
         reach = _reach_bytes(ref)
-        materialized = math.prod(ref.shape) * ref.dtype.itemsize
-        if materialized > max(MAX_EXPANSION * file_size, 2**30):
-            scan.refuse(f"tensor {name} would expand its {ref.storage.nbytes}-byte storage to {materialized} bytes")
+        if ref.nbytes > max(MAX_EXPANSION * file_size, 2**30):
+            scan.refuse(f"tensor {name} would expand its {ref.storage.nbytes}-byte storage to {ref.nbytes} bytes")
         if reach > ref.storage.nbytes:
             scan.refuse(f"tensor {name} reaches byte {reach} of storage {ref.storage.key}, which holds {ref.storage.nbytes}")
         if ref.storage.dtype != torch.uint8 and ref.dtype != ref.storage.dtype:
@@ -323,7 +322,7 @@ def _lazy(path: str, storage_offset: int, ref: TensorRef) -> LazyTensor:
                 _read_exact(f, piece, f"{path}: storage {ref.storage.key} is truncated")
                 yield buf[: len(piece)].view(ref.dtype)
 
-    contiguous = ref.stride == _c_strides(ref.shape) and length == math.prod(ref.shape) * itemsize
+    contiguous = ref.stride == _c_strides(ref.shape) and length == ref.nbytes
     return LazyTensor(ref.dtype, ref.shape, load, storage=(ref.storage.key, ref.offset, ref.shape, ref.stride),
                       chunks=chunks if contiguous and length > 0 else None)
 
