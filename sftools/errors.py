@@ -12,3 +12,7 @@ class SftoolsError(Exception):
 
 class UnsafeCheckpoint(SftoolsError):
     """The file holds something that only code execution could rebuild; nothing of it was run."""
+
+
+class SettingsError(SftoolsError):
+    """A setting out of range or of the wrong kind; the command line reports it as a usage error (exit 2)."""

@@ -46,9 +46,9 @@ def test_scan_and_inspect_print_one_json_object(sf_pt):
 @pytest.mark.parametrize("args,message", [
     (["convert", "{dir}/missing.pt", "{dir}/o.safetensors"], "no such file"),
     (["convert", "{pt}", "{dir}/o.safetensors", "--select", "critic_ema"], "no sub-dict 'critic_ema'"),
-    (["convert", "{pt}", "{dir}/o.safetensors", "--max-shard-size", "lots"], "needs a folder"),
+    (["convert", "{pt}", "{dir}/o.safetensors", "--max-shard-size", "1GB"], "needs a folder"),
     (["convert", "{pt}", "{dir}/nofolder/o.safetensors"], "does not exist"),
-    (["convert", "{pt}", "{ptdir}"], "folder holds other files"),
+    (["convert", "{pt}", "{ptdir}"], "holds the input"),
     (["lora", "extract", "{pt}", "{pt}", "-o", "{dir}"], "is a folder"),
     (["lora", "merge", "{pt}", "{dir}/missing.safetensors", "-o", "{dir}/o.safetensors"], "no such file"),
     (["lora", "resize", "{dir}/missing.safetensors", "-o", "{dir}/o.safetensors", "--rank", "2"], "no such file"),
@@ -62,6 +62,8 @@ def test_user_mistakes_get_one_line_and_exit_1(sf_pt, tmp_path, args, message):
 
 @pytest.mark.parametrize("args", [
     ["convert", "{pt}", "{dir}/o.safetensors", "--dtype", "int4"],
+    ["convert", "{pt}", "{dir}/o", "--max-shard-size", "bogus"],
+    ["convert", "{pt}", "{dir}/o", "--max-shard-size", "0"],
     ["lora", "extract", "{pt}", "{pt}", "-o", "{dir}/o.safetensors", "--device", "tpu9"],
     ["lora", "extract", "{pt}", "{pt}", "-o", "{dir}/o.safetensors", "--oversample", "-3"],
     ["lora", "extract", "{pt}", "{pt}", "-o", "{dir}/o.safetensors", "--rank", "0"],

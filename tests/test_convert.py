@@ -13,11 +13,11 @@ from safetensors import safe_open
 from safetensors.torch import load_file
 
 import sftools.io.output as output
-from sftools.convert import convert
+from sftools.convert import convert_model as convert
 from sftools.errors import SftoolsError
 from sftools.io.sources import open_checkpoint
 from sftools.wan.config import PRESETS, TINY, diffusers_config
-from sftools.wan.layouts import diffusers_to_original, original_to_diffusers
+from sftools.wan.keys import diffusers_to_original, original_to_diffusers
 from sftools.wan.tiny import LAYOUTS, random_state_dict, write_checkpoint
 
 
@@ -54,7 +54,7 @@ def test_every_layout_converts_to_original_names_bit_exact(tmp_path, src_layout,
 def test_every_layout_converts_to_diffusers_and_back_bit_exact(tmp_path, src_layout, preset):
     src, state = source(tmp_path, src_layout, preset)
     folder = tmp_path / "diffusers_out"
-    convert(src, str(folder), layout="diffusers", max_shard_size="5GB")
+    convert(src, str(folder), layout="diffusers", max_shard_bytes=5 * 10**9)
     written = load_file(str(folder / "diffusion_pytorch_model.safetensors"))
     names = original_to_diffusers(state)
     assert_same(written, {names[k]: v for k, v in state.items()})
@@ -68,7 +68,7 @@ def test_diffusers_output_loads_in_the_diffusers_model_class(tmp_path, preset):
     config = PRESETS[preset]
     src, state = source(tmp_path, "self-forcing", preset)
     folder = tmp_path / "model"
-    convert(src, str(folder), layout="diffusers", max_shard_size="20KB")
+    convert(src, str(folder), layout="diffusers", max_shard_bytes=20_000)
     cls = WanVACETransformer3DModel if config.model_type == "vace" else WanTransformer3DModel
     model = cls.from_pretrained(str(folder), local_files_only=True)
     names = original_to_diffusers(state)
@@ -118,7 +118,7 @@ def test_dtype_cast_equals_torch_cast_and_leaves_integers_alone(tmp_path, dtype,
 def test_sharded_output_respects_the_size_limit_and_indexes_every_tensor(tmp_path):
     src, state = source(tmp_path, "self-forcing")
     folder = tmp_path / "shards"
-    report = convert(src, str(folder), max_shard_size="30KB")
+    report = convert(src, str(folder), max_shard_bytes=30_000)
     assert len(report["files"]) > 2
     index = json.loads((folder / "diffusion_pytorch_model.safetensors.index.json").read_text())
     assert set(index["weight_map"]) == set(state)
@@ -172,15 +172,15 @@ def test_a_failure_midway_leaves_no_output_and_no_temporary_file(tmp_path, monke
     calls = {"n": 0}
     real = output.write_safetensors
 
-    def failing(path, tensors, metadata=None, on_tensor=None):
-        def boom(t):
+    def failing(path, tensors, metadata=None, on_bytes=None):
+        def boom(n):
             calls["n"] += 1
             if calls["n"] == 5:
                 raise SftoolsError("disk full (simulated)")
-        return real(path, tensors, metadata, on_tensor=boom)
+        return real(path, tensors, metadata, on_bytes=boom)
 
     monkeypatch.setattr(output, "write_safetensors", failing)
-    for dst, kwargs in ((tmp_path / "o.safetensors", {}), (tmp_path / "folder", {"max_shard_size": "10KB"})):
+    for dst, kwargs in ((tmp_path / "o.safetensors", {}), (tmp_path / "folder", {"max_shard_bytes": 10_000})):
         calls["n"] = 0
         with pytest.raises(SftoolsError, match="simulated"):
             convert(src, str(dst), **kwargs)
@@ -201,21 +201,21 @@ def test_existing_output_is_replaced_only_on_success(tmp_path):
 def test_shards_without_a_folder_destination_are_refused(tmp_path):
     src, _ = source(tmp_path, "original")
     with pytest.raises(SftoolsError, match="needs a folder"):
-        convert(src, str(tmp_path / "x.safetensors"), max_shard_size="1MB")
+        convert(src, str(tmp_path / "x.safetensors"), max_shard_bytes=10**6)
 
 
 def test_an_existing_output_folder_is_swapped_whole_and_foreign_folders_are_refused_first(tmp_path):
     src, state = source(tmp_path, "original")
     folder = tmp_path / "out"
-    convert(src, str(folder), max_shard_size="10KB")
+    convert(src, str(folder), max_shard_bytes=10_000)
     many = sorted(os.listdir(folder))
-    convert(src, str(folder), max_shard_size="1GB")
+    convert(src, str(folder), max_shard_bytes=10**9)
     assert sorted(os.listdir(folder)) == ["diffusion_pytorch_model.safetensors"] and len(many) > 2
     assert_same(load_file(str(folder / "diffusion_pytorch_model.safetensors")), state)
     (tmp_path / "mine").mkdir()
     (tmp_path / "mine" / "notes.txt").write_text("keep me")
     with pytest.raises(SftoolsError, match="holds other files"):
-        convert(src, str(tmp_path / "mine"), max_shard_size="1GB")
+        convert(src, str(tmp_path / "mine"), max_shard_bytes=10**9)
     assert os.listdir(tmp_path / "mine") == ["notes.txt"]
 
 
@@ -244,9 +244,9 @@ def test_indexes_pointing_outside_their_folder_or_malformed_are_refused(tmp_path
 
 @pytest.mark.parametrize("size", ["nan", "inf", "1e400"])
 def test_non_finite_shard_sizes_are_refused(size):
-    from sftools.io.output import parse_size
+    from sftools.io.units import parse_size
 
-    with pytest.raises(SftoolsError, match="not a size"):
+    with pytest.raises(ValueError, match="not a size"):
         parse_size(size)
 
 

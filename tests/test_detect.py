@@ -8,10 +8,10 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-from sftools.inspect import inspect_path
+from sftools.inspection import inspect_file as inspect_path
 from sftools.wan.config import PRESETS, model_shapes, vace_shapes
-from sftools.wan.detect import describe
-from sftools.wan.layouts import original_to_diffusers
+from sftools.wan.detect import describe_weights as describe
+from sftools.wan.keys import original_to_diffusers
 from sftools.wan.tiny import random_state_dict, write_checkpoint
 
 

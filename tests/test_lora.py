@@ -13,13 +13,15 @@ from diffusers import FlowMatchEulerDiscreteScheduler, WanPipeline, WanTransform
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
-from sftools.errors import SftoolsError
+from sftools.errors import SettingsError, SftoolsError
 from sftools.io.sources import open_checkpoint
-from sftools.lora.extract import ExtractOptions, extract, lora_metadata
+from sftools.lora.extract import extract
+from sftools.lora.settings import ExtractSettings, RankRule, Selection, SvdSettings
 from sftools.lora.forms import Lora, read_lora, write_lora
-from sftools.lora.merge import merge, parse_lora_arg, resize
+from sftools.lora.merge import merge, parse_lora_arg
+from sftools.lora.resize import resize
 from sftools.wan.config import PRESETS, TINY, diffusers_config
-from sftools.wan.layouts import original_to_diffusers
+from sftools.wan.keys import original_to_diffusers
 from sftools.wan.tiny import perturbed, random_state_dict, write_checkpoint
 
 
@@ -46,10 +48,10 @@ def test_planted_low_rank_difference_is_recovered_to_float_precision(tmp_path):
     base, tuned = planted(rank=3)
     b, t = write_pair(tmp_path, base, tuned)
     for method in ("randomized", "exact"):
-        lora, report = extract(b, t, ExtractOptions(rank=4, svd=method, dtype=torch.float32))
-        assert report["summary"]["unchanged"] == 1 and report["summary"]["lora_modules"] == 26
-        for layer in report["layers"]:
-            assert layer["rel_error"] < 1e-5, (method, layer)
+        lora, report = extract(b, t, ExtractSettings(rank=RankRule(rank=4), svd=SvdSettings(method=method), dtype="fp32"))
+        assert report.summary["unchanged"] == 1 and report.summary["lora_modules"] == 26
+        for layer in report.layers:
+            assert layer.rel_error < 1e-5, (method, layer)
         for name in base:
             if name in lora.params:
                 merged = base[name] + lora.delta(name, base[name].shape)
@@ -60,17 +62,17 @@ def test_planted_low_rank_difference_is_recovered_to_float_precision(tmp_path):
 def test_extract_then_merge_reproduces_tuned_within_the_reported_error(tmp_path):
     base, tuned = planted(rank=None)  # full-rank changes: rank 4 loses a lot, and says how much
     b, t = write_pair(tmp_path, base, tuned)
-    lora, report = extract(b, t, ExtractOptions(rank=4, dtype=torch.bfloat16))
+    lora, report = extract(b, t, ExtractSettings(rank=RankRule(rank=4), dtype="bf16"))
     out = str(tmp_path / "lora.safetensors")
-    write_lora(out, lora, "comfyui", torch.bfloat16, lora_metadata(report))
+    write_lora(out, lora, "comfyui", torch.bfloat16, report.metadata())
     merged_path = str(tmp_path / "merged.safetensors")
     merge(b, [(out, 1.0)], merged_path)
     merged = load_file(merged_path)
-    for layer in report["layers"]:
-        name = layer["name"]
+    for layer in report.layers:
+        name = layer.name
         actual = rel(merged[name], tuned[name], tuned[name] - base[name])
-        assert actual == pytest.approx(layer["rel_error"], rel=1e-3, abs=1e-6), name
-    assert 0.5 < report["summary"]["weighted_rel_error"] < 1.0
+        assert actual == pytest.approx(layer.rel_error, rel=1e-3, abs=1e-6), name
+    assert 0.5 < report.summary["weighted_rel_error"] < 1.0
 
 
 def test_exact_path_error_is_the_optimal_truncation_and_randomized_is_within_1_percent(tmp_path):
@@ -84,15 +86,15 @@ def test_exact_path_error_is_the_optimal_truncation_and_randomized_is_within_1_p
         s = torch.exp(-torch.arange(min(m, n)) / 3.0)  # a decaying spectrum
         tuned[name] = base[name] + (u * s) @ v.T
     b, t = write_pair(tmp_path, base, tuned)
-    _, exact = extract(b, t, ExtractOptions(rank=4, svd="exact", dtype=torch.float32))
-    _, fast = extract(b, t, ExtractOptions(rank=4, dtype=torch.float32))
-    for e, f in zip(exact["layers"], fast["layers"]):
-        delta = (tuned[e["name"]] - base[e["name"]]).double()
+    _, exact = extract(b, t, ExtractSettings(rank=RankRule(rank=4), svd=SvdSettings(method="exact"), dtype="fp32"))
+    _, fast = extract(b, t, ExtractSettings(rank=RankRule(rank=4), dtype="fp32"))
+    for e, f in zip(exact.layers, fast.layers):
+        delta = (tuned[e.name] - base[e.name]).double()
         sv = torch.linalg.svdvals(delta)
         optimal = float(sv[4:].square().sum().sqrt() / delta.norm())
-        assert e["optimal_rel_error"] == pytest.approx(optimal, rel=1e-4)
-        assert e["rel_error"] == pytest.approx(optimal, rel=1e-4)
-        assert f["rel_error"] <= 1.01 * optimal
+        assert e.optimal_rel_error == pytest.approx(optimal, rel=1e-4)
+        assert e.rel_error == pytest.approx(optimal, rel=1e-4)
+        assert f.rel_error <= 1.01 * optimal
 
 
 def test_energy_mode_keeps_the_smallest_rank_reaching_the_fraction_capped_by_rank(tmp_path):
@@ -108,8 +110,8 @@ def test_energy_mode_keeps_the_smallest_rank_reaching_the_fraction_capped_by_ran
     energy = (s.double() ** 2).cumsum(0) / (s.double() ** 2).sum()
     for fraction, cap in ((0.9, 32), (0.99, 32), (0.999, 32), (0.999, 3)):
         expected = min(cap, int(torch.nonzero(energy >= fraction)[0]) + 1)  # no kohya +1
-        _, report = extract(b, t, ExtractOptions(rank=cap, rank_mode="energy", energy=fraction, svd="exact"))
-        assert report["layers"][0]["rank"] == expected, (fraction, cap)
+        _, report = extract(b, t, ExtractSettings(rank=RankRule(rank=cap, mode="energy", energy=fraction), svd=SvdSettings(method="exact")))
+        assert report.layers[0].rank == expected, (fraction, cap)
     # by hand: energies 64, 16, 4, 1, 0.25 (+27e-4) of 85.2527 -> cumulative 0.751, 0.938, 0.985, 0.997, 1.000
     assert [min(32, int(torch.nonzero(energy >= f)[0]) + 1) for f in (0.9, 0.99, 0.999)] == [2, 4, 5]
 
@@ -119,11 +121,11 @@ def test_same_seed_gives_an_identical_file(tmp_path):
     b, t = write_pair(tmp_path, base, tuned)
     outs = []
     for i in range(2):
-        lora, report = extract(b, t, ExtractOptions(rank=4, seed=7))
+        lora, report = extract(b, t, ExtractSettings(rank=RankRule(rank=4), svd=SvdSettings(seed=7)))
         outs.append(tmp_path / f"l{i}.safetensors")
         write_lora(str(outs[-1]), lora, "comfyui", torch.bfloat16, {"seed": "7"})
     assert outs[0].read_bytes() == outs[1].read_bytes()
-    other, _ = extract(b, t, ExtractOptions(rank=4, seed=8))
+    other, _ = extract(b, t, ExtractSettings(rank=RankRule(rank=4), svd=SvdSettings(seed=8)))
     name = "blocks.0.ffn.0.weight"
     assert not torch.equal(other.factors[name][0], lora.factors[name][0])  # the seed is used
 
@@ -148,9 +150,9 @@ def diffusers_fused(lora_path: str, base: dict[str, torch.Tensor], config=TINY) 
 def test_output_loads_through_diffusers_wan_lora_loader_and_fused_weights_match_our_merge(tmp_path, form):
     base, tuned = planted(rank=None)
     b, t = write_pair(tmp_path, base, tuned)
-    lora, report = extract(b, t, ExtractOptions(rank=4, dtype=torch.float32))
+    lora, report = extract(b, t, ExtractSettings(rank=RankRule(rank=4), dtype="fp32"))
     out = str(tmp_path / f"{form}.safetensors")
-    dropped = write_lora(out, lora, form, torch.float32, lora_metadata(report))
+    dropped = write_lora(out, lora, form, torch.float32, report.metadata())
     merge(b, [(out, 1.0)], str(tmp_path / "ours.safetensors"))
     ours = load_file(str(tmp_path / "ours.safetensors"))
     fused = diffusers_fused(out, base)
@@ -172,12 +174,12 @@ def test_inputs_in_mixed_layouts_pair_by_original_name(tmp_path):
     base, tuned = planted(rank=None)
     b1, t1 = write_pair(tmp_path, base, tuned)
     b2, t2 = write_pair(tmp_path, base, tuned, base_layout="diffusers", tuned_layout="self-forcing")
-    a, report_a = extract(b1, t1, ExtractOptions(rank=4))
-    c, report_c = extract(b2, t2, ExtractOptions(rank=4))
+    a, report_a = extract(b1, t1, ExtractSettings(rank=RankRule(rank=4)))
+    c, report_c = extract(b2, t2, ExtractSettings(rank=RankRule(rank=4)))
     assert set(a.factors) == set(c.factors) and set(a.diffs) == set(c.diffs)
-    assert (report_a["base_fingerprint"], report_a["tuned_fingerprint"]) == \
-        (report_c["base_fingerprint"], report_c["tuned_fingerprint"])  # the same weights, another layout
-    assert report_a["base_fingerprint"] != report_a["tuned_fingerprint"]
+    assert (report_a.base_fingerprint, report_a.tuned_fingerprint) == \
+        (report_c.base_fingerprint, report_c.tuned_fingerprint)  # the same weights, another layout
+    assert report_a.base_fingerprint != report_a.tuned_fingerprint
     for name, (up, down) in a.factors.items():
         assert torch.equal(up, c.factors[name][0]) and torch.equal(down, c.factors[name][1])
 
@@ -195,9 +197,9 @@ def test_fp8_scaled_base_is_dequantized_before_differencing(tmp_path):
     save_file(stored, str(tmp_path / "base_fp8.safetensors"))
     save_file(tuned, str(tmp_path / "tuned.safetensors"))
     _, report = extract(str(tmp_path / "base_fp8.safetensors"), str(tmp_path / "tuned.safetensors"),
-                        ExtractOptions(rank=2, dtype=torch.float32))
-    assert report["summary"]["lora_modules"] == len(scales) and report["summary"]["full_diffs"] == 0
-    assert report["summary"]["max_rel_error"] < 1e-5
+                        ExtractSettings(rank=RankRule(rank=2), dtype="fp32"))
+    assert report.summary["lora_modules"] == len(scales) and report.summary["full_diffs"] == 0
+    assert report.summary["max_rel_error"] < 1e-5
 
 
 @pytest.mark.parametrize("suffix,per_channel", [(".scale_weight", True), (".weight_scale", False)])
@@ -215,22 +217,22 @@ def test_fp8_scales_per_channel_and_in_kijais_spelling_are_applied(tmp_path, suf
                          for n, s in scales.items()}}, str(tmp_path / "base_fp8.safetensors"))
     save_file(tuned, str(tmp_path / "tuned.safetensors"))
     _, report = extract(str(tmp_path / "base_fp8.safetensors"), str(tmp_path / "tuned.safetensors"),
-                        ExtractOptions(rank=2, dtype=torch.float32))
-    assert report["summary"]["lora_modules"] == len(linear) and report["summary"]["max_rel_error"] < 1e-5
+                        ExtractSettings(rank=RankRule(rank=2), dtype="fp32"))
+    assert report.summary["lora_modules"] == len(linear) and report.summary["max_rel_error"] < 1e-5
 
 
 def test_loras_identical_models_and_non_wan_files_are_refused_as_inputs(tmp_path):
     base, tuned = planted()
     b, t = write_pair(tmp_path, base, tuned)
-    lora, report = extract(b, t, ExtractOptions(rank=4))
+    lora, report = extract(b, t, ExtractSettings(rank=RankRule(rank=4)))
     write_lora(str(tmp_path / "l.safetensors"), lora, "comfyui", torch.bfloat16, {})
     with pytest.raises(SftoolsError, match="is a LoRA, not a model"):
-        extract(str(tmp_path / "l.safetensors"), t, ExtractOptions())
+        extract(str(tmp_path / "l.safetensors"), t, ExtractSettings())
     with pytest.raises(SftoolsError, match="nothing to extract"):
-        extract(b, b, ExtractOptions())
+        extract(b, b, ExtractSettings())
     save_file({"encoder.conv.weight": torch.ones(2, 2)}, str(tmp_path / "vae.safetensors"))
     with pytest.raises(SftoolsError, match="is not a Wan 2.1 transformer"):
-        extract(str(tmp_path / "vae.safetensors"), str(tmp_path / "vae.safetensors"), ExtractOptions())
+        extract(str(tmp_path / "vae.safetensors"), str(tmp_path / "vae.safetensors"), ExtractSettings())
 
 
 def test_selections_diffusers_cannot_load_are_reported(tmp_path):
@@ -238,11 +240,11 @@ def test_selections_diffusers_cannot_load_are_reported(tmp_path):
 
     base, tuned = planted()
     b, t = write_pair(tmp_path, base, tuned)
-    full, _ = extract(b, t, ExtractOptions(rank=4))
+    full, _ = extract(b, t, ExtractSettings(rank=RankRule(rank=4)))
     assert diffusers_problems(full) == []
-    head_only, _ = extract(b, t, ExtractOptions(rank=4, include=r"^head\."))
+    head_only, _ = extract(b, t, ExtractSettings(rank=RankRule(rank=4), selection=Selection(include=r"^head\.")))
     assert diffusers_problems(head_only) == ["it has no blocks.N keys, which the converter requires"]
-    no_text, _ = extract(b, t, ExtractOptions(rank=4, exclude=r"^text_embedding\.0\.weight$"))
+    no_text, _ = extract(b, t, ExtractSettings(rank=RankRule(rank=4), selection=Selection(exclude=r"^text_embedding\.0\.weight$")))
     assert diffusers_problems(no_text) == [
         "text_embedding.0.bias changes without factors for its weight, which the converter requires"]
 
@@ -252,21 +254,21 @@ def test_different_model_kinds_and_shapes_are_refused_before_any_work(tmp_path):
     b = write_checkpoint(str(tmp_path / "t2v.safetensors"), random_state_dict(TINY), "original")
     t = write_checkpoint(str(tmp_path / "i2v.safetensors"), random_state_dict(i2v), "original", i2v)
     with pytest.raises(SftoolsError, match="different kinds"):
-        extract(b, t, ExtractOptions())
+        extract(b, t, ExtractSettings())
     wider = random_state_dict(TINY)
     wider["blocks.0.ffn.0.weight"] = torch.zeros(65, 32)
     save_file(wider, str(tmp_path / "wider.safetensors"))
     with pytest.raises(SftoolsError, match=r"blocks.0.ffn.0.weight: base shape \[64, 32\] but tuned shape \[65, 32\]"):
-        extract(b, str(tmp_path / "wider.safetensors"), ExtractOptions())
+        extract(b, str(tmp_path / "wider.safetensors"), ExtractSettings())
 
 
 def test_patterns_and_no_full_diffs_select_what_is_extracted(tmp_path):
     base, tuned = planted()
     b, t = write_pair(tmp_path, base, tuned)
-    lora, report = extract(b, t, ExtractOptions(rank=4, exclude=r"\.ffn\.", full_diffs=False))
+    lora, report = extract(b, t, ExtractSettings(rank=RankRule(rank=4), selection=Selection(exclude=r"\.ffn\.", full_diffs=False)))
     assert lora.diffs == {} and lora.factors and not [p for p in lora.factors if ".ffn." in p]
-    assert report["summary"]["excluded"] == 4 + 43  # 4 ffn weights, 43 dense tensors (1 unchanged among them)
-    lora, _ = extract(b, t, ExtractOptions(rank=4, include=r"^blocks\.1\.self_attn\.q\."))
+    assert report.summary["excluded"] == 4 + 43  # 4 ffn weights, 43 dense tensors (1 unchanged among them)
+    lora, _ = extract(b, t, ExtractSettings(rank=RankRule(rank=4), selection=Selection(include=r"^blocks\.1\.self_attn\.q\.")))
     assert sorted(lora.params) == ["blocks.1.self_attn.q.bias", "blocks.1.self_attn.q.weight"]
 
 
@@ -274,24 +276,24 @@ def test_resize_equals_the_best_lower_rank_approximation_of_the_product():
     gen = torch.Generator().manual_seed(4)
     up, down = torch.randn(48, 8, generator=gen), torch.randn(8, 32, generator=gen)
     lora = Lora(factors={"blocks.0.ffn.0.weight": (up, down)}, diffs={"blocks.0.norm3.weight": torch.ones(32)})
-    smaller, layers = resize(lora, rank=3, energy=None)
+    smaller, layers = resize(lora, RankRule(rank=3))
     product = (up @ down).double()
     u, s, vh = torch.linalg.svd(product)
     best = (u[:, :3] * s[:3]) @ vh[:3]
     new_up, new_down = smaller.factors["blocks.0.ffn.0.weight"]
     assert new_down.shape == (3, 32)
     assert torch.allclose((new_up @ new_down).double(), best, atol=1e-4)
-    assert layers[0]["rel_error"] == pytest.approx(float(s[3:].square().sum().sqrt() / s.square().sum().sqrt()), rel=1e-4)
+    assert layers[0].rel_error == pytest.approx(float(s[3:].square().sum().sqrt() / s.square().sum().sqrt()), rel=1e-4)
     assert torch.equal(smaller.diffs["blocks.0.norm3.weight"], torch.ones(32))
-    by_energy, layers = resize(lora, rank=None, energy=0.999)
+    by_energy, layers = resize(lora, RankRule(rank=None, mode="energy", energy=0.999))
     energy = (s ** 2).cumsum(0) / (s ** 2).sum()
-    assert layers[0]["rank"] == int(torch.nonzero(energy >= 0.999)[0]) + 1
+    assert layers[0].rank == int(torch.nonzero(energy >= 0.999)[0]) + 1
 
 
 def test_forms_round_trip_and_kohya_and_lightx2v_files_are_read(tmp_path):
     base, tuned = planted()
     b, t = write_pair(tmp_path, base, tuned)
-    lora, report = extract(b, t, ExtractOptions(rank=4, dtype=torch.float32))
+    lora, report = extract(b, t, ExtractSettings(rank=RankRule(rank=4), dtype="fp32"))
     write_lora(str(tmp_path / "d.safetensors"), lora, "diffusers", torch.float32, {})
     back = read_lora(open_checkpoint(str(tmp_path / "d.safetensors")))
     for name, (up, down) in lora.factors.items():
@@ -325,11 +327,11 @@ def test_diffusers_form_alpha_scales_factors_and_bias_like_peft(tmp_path):
     assert torch.allclose(lora.diffs["blocks.0.self_attn.q.bias"], 2.0 * bias)
 
 
-def test_resize_refuses_meaningless_targets():
-    lora = Lora(factors={"blocks.0.ffn.0.weight": (torch.ones(64, 2), torch.ones(2, 32))})
-    for rank, energy in ((0, None), (None, 0.0), (None, 1.5)):
-        with pytest.raises(SftoolsError, match="--rank must be|--energy must be"):
-            resize(lora, rank, energy)
+def test_rank_rules_refuse_meaningless_targets():
+    for kwargs in ({"rank": 0}, {"rank": None}, {"rank": None, "mode": "energy", "energy": 0.0},
+                   {"rank": None, "mode": "energy", "energy": 1.5}, {"mode": "most"}):
+        with pytest.raises(SettingsError, match="--rank|--energy|--rank-mode"):
+            RankRule(**kwargs)
 
 
 def test_lora_strength_argument_parsing():
@@ -341,7 +343,7 @@ def test_lora_strength_argument_parsing():
 def test_merge_applies_strength_and_refuses_loras_for_another_model(tmp_path):
     base, tuned = planted(rank=3)
     b, t = write_pair(tmp_path, base, tuned)
-    lora, report = extract(b, t, ExtractOptions(rank=3, dtype=torch.float32))
+    lora, report = extract(b, t, ExtractSettings(rank=RankRule(rank=3), dtype="fp32"))
     out = str(tmp_path / "l.safetensors")
     write_lora(out, lora, "comfyui", torch.float32, {})
     merge(b, [(out, 0.5)], str(tmp_path / "half.safetensors"))
@@ -403,9 +405,9 @@ def test_every_comfyui_key_is_consumed_by_comfyuis_matching_rules_with_matching_
     base = random_state_dict(config, seed=0)
     tuned = perturbed(base, rank=None)
     b, t = write_pair(tmp_path, base, tuned, config=config)
-    lora, report = extract(b, t, ExtractOptions(rank=4))
+    lora, report = extract(b, t, ExtractSettings(rank=RankRule(rank=4)))
     out = str(tmp_path / "l.safetensors")
-    write_lora(out, lora, "comfyui", torch.bfloat16, lora_metadata(report))
+    write_lora(out, lora, "comfyui", torch.bfloat16, report.metadata())
     written = load_file(out)
     consumed = comfyui_loaded_keys(set(written), {k: tuple(v.shape) for k, v in base.items()})
     assert set(consumed) == set(written), sorted(set(written) - set(consumed))[:5]  # no "lora key not loaded"
@@ -421,9 +423,9 @@ def test_every_comfyui_key_is_consumed_by_comfyuis_matching_rules_with_matching_
 def test_t2v_lora_loads_on_an_i2v_model_in_diffusers(tmp_path):
     base, tuned = planted(rank=None)
     b, t = write_pair(tmp_path, base, tuned)
-    lora, report = extract(b, t, ExtractOptions(rank=4, dtype=torch.float32))
+    lora, report = extract(b, t, ExtractSettings(rank=RankRule(rank=4), dtype="fp32"))
     out = str(tmp_path / "t2v_lora.safetensors")
-    write_lora(out, lora, "comfyui", torch.float32, lora_metadata(report))
+    write_lora(out, lora, "comfyui", torch.float32, report.metadata())
     i2v = PRESETS["tiny-i2v"]
     i2v_base = random_state_dict(i2v, seed=9)
     fused = diffusers_fused(out, i2v_base, i2v)
@@ -471,4 +473,4 @@ def test_a_tensor_holding_nan_is_named_not_decomposed(tmp_path):
     tuned["blocks.1.ffn.2.weight"][0, 0] = float("nan")
     b, t = write_pair(tmp_path, base, tuned)
     with pytest.raises(SftoolsError, match=r"blocks.1.ffn.2.weight: the difference holds NaN or inf"):
-        extract(b, t, ExtractOptions(rank=4))
+        extract(b, t, ExtractSettings(rank=RankRule(rank=4)))

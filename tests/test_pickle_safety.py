@@ -39,7 +39,7 @@ import pytest
 import torch
 
 import sftools.io.pickle_vm as pickle_vm
-from sftools.convert import convert
+from sftools.convert import convert_model as convert
 from sftools.errors import SftoolsError
 from sftools.io.torch_pickle import scan_pickle
 

@@ -11,13 +11,15 @@ from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
 from sftools.errors import SftoolsError
-from sftools.io.output import parse_size, write_file
-from sftools.io.safetensors_io import PlannedTensor, read_header
+from sftools.io.lazy import LazyTensor
+from sftools.io.output import write_file
+from sftools.io.safetensors_io import read_header
 from sftools.io.sources import open_checkpoint
+from sftools.io.units import parse_size
 
 
-def planned(tensors: dict[str, torch.Tensor]) -> list[PlannedTensor]:
-    return [PlannedTensor(k, v.dtype, tuple(v.shape), lambda v=v: v) for k, v in tensors.items()]
+def planned(tensors: dict[str, torch.Tensor]) -> dict[str, LazyTensor]:
+    return {k: LazyTensor.of(v) for k, v in tensors.items()}
 
 
 def test_streamed_file_reads_back_identically_with_aligned_tensors_and_metadata(tmp_path):
@@ -101,5 +103,5 @@ def test_shard_sizes_parse_like_diffusers(text, value):
 
 @pytest.mark.parametrize("text", ["", "GB", "-1GB", "5XB", "five"])
 def test_bad_shard_sizes_are_refused(text):
-    with pytest.raises(SftoolsError, match="not a size"):
+    with pytest.raises(ValueError, match="not a size"):
         parse_size(text)

@@ -7,7 +7,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from sftools.convert import convert
+from sftools.convert import convert_model as convert
 from sftools.errors import SftoolsError
 from sftools.io.torch_pickle import read_pickle_checkpoint, scan_pickle
 

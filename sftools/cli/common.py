@@ -1,10 +1,16 @@
-"""What every command shares: printing a report as text or as one JSON object."""
+"""What every command shares: printing a report as text or one JSON object, and option types.
+
+Command modules import only click and torch-free parts of the library at the top, and the library
+itself inside the command, so `sftools --help` and usage errors answer at once.
+"""
 
 from __future__ import annotations
 
 import json
 
 import click
+
+from sftools.io.units import parse_size
 
 
 def emit(report: dict, as_json: bool, lines: list[str]) -> None:
@@ -15,11 +21,20 @@ def emit(report: dict, as_json: bool, lines: list[str]) -> None:
             click.echo(line)
 
 
-def human_bytes(n: float) -> str:
-    """1234567 -> '1.23 MB' (decimal units)."""
-    unit = "B"
-    for unit in ("B", "KB", "MB", "GB", "TB"):
-        if n < 1000 or unit == "TB":
-            break
-        n /= 1000
-    return f"{n:.0f} {unit}" if unit == "B" else f"{n:.2f} {unit}"
+class SizeType(click.ParamType):
+    """`5GB`, `500MB`, `2GiB` -> bytes; anything else is a usage error."""
+
+    name = "SIZE"
+
+    def convert(self, value, param, ctx) -> int:
+        if isinstance(value, int):
+            return value
+        try:
+            return parse_size(value)
+        except ValueError as exc:
+            self.fail(str(exc), param, ctx)
+
+
+JSON_OPTION = click.option("--json", "as_json", is_flag=True, help="Print one JSON object on stdout instead of text.")
+OUTPUT_OPTION = click.option("-o", "--output", required=True, metavar="OUT.safetensors",
+                             help="The file to write (written under a temporary name, renamed when verified).")

@@ -2,123 +2,124 @@
 
 from __future__ import annotations
 
-import json
-import os
-import re
-
 import click
 
-from sftools.cli.common import emit
-from sftools.convert import DTYPES
-from sftools.io.output import atomic_target, check_destination
-from sftools.io.sources import open_checkpoint
-from sftools.lora.extract import ExtractOptions, extract, lora_metadata
-from sftools.lora.forms import FORMS, diffusers_problems, read_lora, write_lora
-from sftools.lora.merge import merge, parse_lora_arg, resize
-from sftools.lora.svd import METHODS, RANK_MODES
+from sftools.cli.common import JSON_OPTION, OUTPUT_OPTION, emit
+from sftools.io.dtypes import DTYPE_CHOICES
+from sftools.lora.keys import FORMS
+from sftools.lora.settings import RANK_MODES, SVD_METHODS
 
-OUT_DTYPES = {k: v for k, v in DTYPES.items() if v is not None}
-RANK = click.IntRange(min=1)
-ENERGY = click.FloatRange(min=0, max=1, min_open=True)
+FORM_HELP = ("comfyui: loads in ComfyUI, Kijai's WanVideoWrapper, LightX2V and diffusers. diffusers: peft names "
+             "that only diffusers and peft load (ComfyUI, Kijai's wrapper, LightX2V, Wan2GP and DiffSynth-Studio drop "
+             "or refuse them), without the dense diffs.")
+DTYPE_HELP = "dtype of the written tensors; keep: the input's."
 
 
-def _device(value: str) -> str:
-    if not re.fullmatch(r"auto|cpu|cuda(:\d+)?", value):
-        raise click.BadParameter(f"{value!r} is not one of auto, cpu, cuda, cuda:N")
-    return value
-
-
-@click.group("lora")
+@click.group("lora", short_help="Extract, merge, resize and re-format LoRAs.")
 def lora_group() -> None:
-    """Extract, merge, resize and re-format LoRAs."""
+    """Extract, merge, resize and re-format LoRAs for Wan 2.1."""
 
 
-@lora_group.command("extract")
+@lora_group.command("extract", short_help="Extract a LoRA from TUNED minus BASE.")
 @click.argument("base")
 @click.argument("tuned")
-@click.option("-o", "--output", required=True, help="The LoRA file to write (.safetensors).")
-@click.option("--rank", type=RANK, default=32, show_default=True, help="Rank (the cap, in energy mode).")
-@click.option("--rank-mode", type=click.Choice(RANK_MODES), default="fixed", show_default=True)
-@click.option("--energy", type=ENERGY, default=0.99, show_default=True, help="Energy fraction kept (energy mode).")
-@click.option("--format", "form", type=click.Choice(FORMS), default="comfyui", show_default=True)
-@click.option("--dtype", type=click.Choice(list(OUT_DTYPES)), default="bf16", show_default=True)
-@click.option("--device", default="auto", show_default=True, callback=lambda ctx, param, value: _device(value),
-              help="auto, cpu, cuda or cuda:N.")
-@click.option("--svd", type=click.Choice(METHODS), default="randomized", show_default=True)
-@click.option("--oversample", type=click.IntRange(min=0), default=16, show_default=True)
-@click.option("--niter", type=click.IntRange(min=0), default=4, show_default=True, help="Power iterations (randomized SVD).")
-@click.option("--seed", type=int, default=0, show_default=True)
-@click.option("--include", help="Only parameters whose original name matches this regex.")
-@click.option("--exclude", help="Skip parameters whose original name matches this regex.")
+@OUTPUT_OPTION
+@click.option("--rank", type=int, default=32, show_default=True, help="Rank kept per module (the cap, in energy mode).")
+@click.option("--rank-mode", type=click.Choice(RANK_MODES), default="fixed", show_default=True,
+              help="fixed: --rank everywhere; energy: per module the smallest rank keeping --energy of ||D||_F^2.")
+@click.option("--energy", type=float, default=0.99, show_default=True,
+              help="Fraction of each module's squared Frobenius norm kept (energy mode), in (0, 1].")
+@click.option("--format", "form", type=click.Choice(FORMS), default="comfyui", show_default=True, help=FORM_HELP)
+@click.option("--dtype", type=click.Choice(DTYPE_CHOICES), default="bf16", show_default=True,
+              help="dtype of the factors and diffs; keep: the tuned model's.")
+@click.option("--device", default="auto", show_default=True, help="Where differences and SVDs run: auto, cpu, cuda, cuda:N.")
+@click.option("--svd", type=click.Choice(SVD_METHODS), default="randomized", show_default=True,
+              help="randomized (torch.svd_lowrank) or exact (torch.linalg.svd, for validation; much slower).")
+@click.option("--oversample", type=int, default=16, show_default=True, help="Extra columns of the randomized SVD.")
+@click.option("--niter", type=int, default=4, show_default=True, help="Power iterations of the randomized SVD.")
+@click.option("--seed", type=int, default=0, show_default=True, help="Seed of the randomized SVD (mixed with each tensor's name).")
+@click.option("--include", metavar="REGEX", help="Only parameters whose original name matches.")
+@click.option("--exclude", metavar="REGEX", help="Skip parameters whose original name matches.")
 @click.option("--no-full-diffs", is_flag=True, help="Write only low-rank factors (no .diff / .diff_b).")
-@click.option("--min-diff", type=float, default=0.0, show_default=True, help="Pairs with max |diff| <= this are unchanged.")
-@click.option("--report", "report_path", help="Write the per-layer report as JSON here.")
-@click.option("--json", "as_json", is_flag=True, help="Print the summary as one JSON object.")
+@click.option("--min-diff", type=float, default=0.0, show_default=True, help="Pairs whose largest |difference| is at most this count as unchanged.")
+@click.option("--report", "report_path", metavar="REPORT.json", help="Write the whole report (per layer: rank, error, seconds) as JSON.")
+@JSON_OPTION
 def extract_cmd(base, tuned, output, rank, rank_mode, energy, form, dtype, device, svd, oversample, niter, seed,
                 include, exclude, no_full_diffs, min_diff, report_path, as_json) -> None:
-    """Extract a LoRA from TUNED minus BASE, one tensor pair in memory at a time."""
-    opts = ExtractOptions(rank, rank_mode, energy, svd, oversample, niter, seed, include, exclude,
-                          not no_full_diffs, min_diff, device, OUT_DTYPES[dtype])
-    for path in filter(None, (output, report_path)):
-        check_destination(path)  # before minutes of work, not after
-    if report_path and os.path.abspath(report_path) in {os.path.abspath(p) for p in (output, base, tuned)}:
-        raise click.UsageError("--report must name a file other than the output and the inputs")
-    lora, report = extract(base, tuned, opts)
-    report["format"], report["output"] = form, output
-    report["diffusers_problems"] = diffusers_problems(lora) if form == "comfyui" else []
-    if report_path:
-        with atomic_target(report_path) as tmp, open(tmp, "w") as f:
-            json.dump(report, f, indent=1)
-    report["not_in_form"] = write_lora(output, lora, form, opts.dtype, lora_metadata(report))
-    dropped = report["not_in_form"]
-    s = report["summary"]
+    """Extract a LoRA from TUNED minus BASE (any model form, mixed layouts), one tensor pair in
+    memory at a time: low-rank factors for Linear weights, dense diffs for the rest."""
+    from sftools.lora.extract import extract_to_file
+    from sftools.lora.settings import ExtractSettings, RankRule, Selection, SvdSettings
+
+    settings = ExtractSettings(
+        rank=RankRule(rank=rank, mode=rank_mode, energy=energy),
+        svd=SvdSettings(method=svd, oversample=oversample, niter=niter, seed=seed),
+        selection=Selection(include=include, exclude=exclude, full_diffs=not no_full_diffs, min_diff=min_diff),
+        device=device,
+        dtype=dtype,
+    )
+    report = extract_to_file(base, tuned, output, settings, form=form, report_path=report_path)
+    s = report.summary
     lines = [f"{output}: {s['lora_modules']} LoRA modules (rank {s['ranks']}), {s['full_diffs']} full diffs, "
              f"{s['unchanged']} unchanged, {s['excluded']} excluded; weighted relative error "
              f"{s['weighted_rel_error']:.4g} (max {s['max_rel_error']:.4g}); {s['seconds']:.1f} s"]
-    if dropped:
-        lines.append(f"  the {form} form cannot carry {len(dropped)} dense diffs (first: {dropped[0]}); left out")
-    lines += [f"  warning: diffusers will not load this file: {p}" for p in report["diffusers_problems"]]
-    emit({k: v for k, v in report.items() if k != "layers"}, as_json, lines)
+    if report.not_in_form:
+        lines.append(f"  the {form} form cannot carry {len(report.not_in_form)} dense diffs "
+                     f"(first: {report.not_in_form[0]}); left out")
+    lines += [f"  warning: diffusers will not load this file: {p}" for p in report.diffusers_problems]
+    emit(report.to_dict(), as_json, lines)
 
 
-@lora_group.command("merge")
+@lora_group.command("merge", short_help="Bake LoRAs into a base model.")
 @click.argument("base")
-@click.argument("loras", nargs=-1, required=True)
-@click.option("-o", "--output", required=True)
-@click.option("--dtype", type=click.Choice(list(DTYPES)), default="keep", show_default=True)
-@click.option("--json", "as_json", is_flag=True)
+@click.argument("loras", nargs=-1, required=True, metavar="LORA[:STRENGTH]...")
+@OUTPUT_OPTION
+@click.option("--dtype", type=click.Choice(DTYPE_CHOICES), default="keep", show_default=True, help="dtype of the written model; keep: the base's.")
+@JSON_OPTION
 def merge_cmd(base, loras, output, dtype, as_json) -> None:
-    """Bake LORA[:STRENGTH]... into BASE (original names, ready for ComfyUI)."""
+    """Write BASE + STRENGTH x each LORA (any form sftools reads; STRENGTH defaults to 1.0) in
+    original names, ready for ComfyUI. The base streams through one tensor at a time, in fp32."""
+    from sftools.lora.merge import merge, parse_lora_arg
+
     r = merge(base, [parse_lora_arg(a) for a in loras], output, dtype)
     emit(r, as_json, [f"{output}: {r['patched']} of {r['tensors']} tensors patched by {len(r['loras'])} LoRA(s)"])
 
 
-@lora_group.command("resize")
+@lora_group.command("resize", short_help="Lower a LoRA's rank (--rank, --energy, or both).")
 @click.argument("lora")
-@click.option("-o", "--output", required=True)
-@click.option("--rank", type=RANK, help="New rank (the cap, with --energy).")
-@click.option("--energy", type=ENERGY, help="Keep this fraction of each module's energy.")
-@click.option("--format", "form", type=click.Choice(FORMS), default="comfyui", show_default=True)
-@click.option("--dtype", type=click.Choice(list(DTYPES)), default="keep", show_default=True)
-@click.option("--json", "as_json", is_flag=True)
+@OUTPUT_OPTION
+@click.option("--rank", type=int, help="New rank; with --energy, the cap. Modules already at or below it are kept.")
+@click.option("--energy", type=float, help="Keep per module the smallest rank holding this fraction of its energy, in (0, 1].")
+@click.option("--format", "form", type=click.Choice(FORMS), default="comfyui", show_default=True, help=FORM_HELP)
+@click.option("--dtype", type=click.Choice(DTYPE_CHOICES), default="keep", show_default=True, help=DTYPE_HELP)
+@JSON_OPTION
 def resize_cmd(lora, output, rank, energy, form, dtype, as_json) -> None:
-    """Lower a LoRA's rank without forming full matrices."""
+    """Lower LORA's rank from the SVD of each module's r x r core, never forming the full matrix.
+    Needs --rank, --energy, or both (the energy rule capped by the rank)."""
+    from sftools.lora.resize import resize_file
+    from sftools.lora.settings import RankRule
+
     if rank is None and energy is None:
-        raise click.UsageError("give --rank or --energy")
-    smaller, layers = resize(read_lora(open_checkpoint(lora)), rank, energy)
-    write_lora(output, smaller, form, DTYPES[dtype] or smaller.dtype, {"sftools.resized_from": lora})
-    worst = max((layer["rel_error"] for layer in layers), default=0.0)
-    emit({"output": output, "layers": layers}, as_json,
-         [f"{output}: {len(layers)} modules resized; largest relative error {worst:.4g}"])
+        raise click.UsageError("give --rank, --energy, or both")
+    rule = RankRule(rank=rank, mode="energy", energy=energy) if energy is not None else RankRule(rank=rank)
+    layers = resize_file(lora, output, rule, form, dtype)
+    resized = [layer for layer in layers if layer.rank < layer.rank_before]
+    worst = max((layer.rel_error for layer in resized), default=0.0)
+    line = f"{output}: {len(resized)} modules resized, {len(layers) - len(resized)} kept at their rank"
+    emit({"output": output, "layers": [vars(layer) for layer in layers]}, as_json,
+         [line + (f"; largest relative error {worst:.4g}" if resized else "")])
 
 
-@lora_group.command("convert")
+@lora_group.command("convert", short_help="Re-write a LoRA as comfyui or diffusers.")
 @click.argument("lora")
-@click.option("-o", "--output", required=True)
-@click.option("--format", "form", type=click.Choice(FORMS), required=True)
-@click.option("--dtype", type=click.Choice(list(DTYPES)), default="keep", show_default=True)
-def convert_cmd(lora, output, form, dtype) -> None:
-    """Re-write a LoRA (comfyui, diffusers, kohya lora_unet_, LightX2V diff_m) as comfyui or diffusers."""
-    source = read_lora(open_checkpoint(lora))
-    dropped = write_lora(output, source, form, DTYPES[dtype] or source.dtype, {"sftools.converted_from": lora})
-    click.echo(f"{output}: written in {form} form" + (f"; left out {len(dropped)} dense diffs" if dropped else ""))
+@OUTPUT_OPTION
+@click.option("--format", "form", type=click.Choice(FORMS), required=True, help=FORM_HELP)
+@click.option("--dtype", type=click.Choice(DTYPE_CHOICES), default="keep", show_default=True, help=DTYPE_HELP)
+@JSON_OPTION
+def lora_convert_cmd(lora, output, form, dtype, as_json) -> None:
+    """Re-write LORA (comfyui, diffusers, kohya lora_unet_, LightX2V diff_m) in the comfyui or diffusers form."""
+    from sftools.lora.forms import convert_lora
+
+    dropped = convert_lora(lora, output, form, dtype)
+    emit({"output": output, "format": form, "not_in_form": dropped}, as_json,
+         [f"{output}: written in {form} form" + (f"; left out {len(dropped)} dense diffs" if dropped else "")])

@@ -1,46 +1,62 @@
-"""Writing outputs atomically: one safetensors file, or shards plus an index, then verifying them.
+"""Writing outputs safely: never over an input, never half-written, always read back.
 
 Everything is written under a temporary name beside the destination and renamed only after the
 written bytes were read back by safetensors and matched; a crash or refusal leaves no partial
-output under the final name.
+output under the final name. Temporary names are short (`.sftools-<hash of the name>-<pid>.tmp`),
+so any name the OS accepts can be written, and carry the writer's pid, so a later run to the same
+destination removes what a killed run left behind.
 """
 
 from __future__ import annotations
 
 import contextlib
+import glob
 import json
+import logging
 import os
 import shutil
 import sys
-import tempfile
-from typing import Iterator
+import zlib
+from typing import Iterable, Iterator, Mapping
 
 from tqdm import tqdm
 
 from sftools.errors import SftoolsError
-from sftools.io.safetensors_io import PlannedTensor, plan_order, verify_safetensors, write_safetensors
+from sftools.io.lazy import LazyTensor
+from sftools.io.safetensors_io import Named, plan_order, verify_safetensors, write_safetensors
 
+log = logging.getLogger("sftools")
 SHARD_STEM = "diffusion_pytorch_model"  # the name diffusers and the Wan-AI repositories use
-UNITS = {"": 1, "B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "TB": 10**12, "KIB": 2**10, "MIB": 2**20, "GIB": 2**30}
-
-
-def parse_size(text: str) -> int:
-    """'5GB' -> 5_000_000_000 (decimal units, like diffusers' max_shard_size; KiB/MiB/GiB binary)."""
-    s = text.strip().upper()
-    digits = s.rstrip("KMGTIB")
-    unit = s[len(digits):]
-    try:
-        value = float(digits)
-    except ValueError:
-        value = -1
-    if unit not in UNITS or not 0 < value < 1e18:  # also refuses nan and inf
-        raise SftoolsError(f"size {text!r} is not a size like 5GB or 500MB")
-    return int(value * UNITS[unit])
+OUTPUT_SUFFIX = ".safetensors"
 
 
 def progress(total: int, desc: str, unit: str = "B") -> tqdm:
-    """A bar on a terminal, silence otherwise."""
-    return tqdm(total=total, desc=desc, unit=unit, unit_scale=True, disable=not sys.stderr.isatty(), leave=False)
+    """A bar on a terminal (done, rate, ETA), silence otherwise."""
+    return tqdm(total=total, desc=desc, unit=unit, unit_scale=unit == "B", disable=not sys.stderr.isatty(),
+                leave=False, dynamic_ncols=True)
+
+
+def _real(path: str) -> str:
+    return os.path.realpath(os.path.abspath(path))
+
+
+def refuse_overwrite(output: str, inputs: Iterable[str], is_dir: bool = False) -> None:
+    """Refuse an output that is one of the inputs, however spelled (`./x`, a symlink, a hard link),
+    or a folder output that holds one: writing it would destroy what is being read."""
+    out = _real(output)
+    for path in inputs:
+        src = _real(path)
+        same = out == src or (os.path.exists(output) and os.path.exists(path) and os.path.samefile(output, path))
+        inside = (is_dir or os.path.isdir(output)) and src.startswith(out.rstrip(os.sep) + os.sep)
+        if same or inside:
+            what = "is" if same else "holds"
+            raise SftoolsError(f"{output}: {what} the input {path}; write the output somewhere else")
+
+
+def check_file_name(output: str) -> None:
+    """Outputs are safetensors files, and their names say so (so every tool agrees what they are)."""
+    if not output.endswith(OUTPUT_SUFFIX):
+        raise SftoolsError(f"{output}: output files are safetensors; give a name ending in {OUTPUT_SUFFIX}")
 
 
 def check_destination(dst: str) -> None:
@@ -54,6 +70,45 @@ def check_destination(dst: str) -> None:
         raise SftoolsError(f"{dst}: folder {parent} is not writable")
 
 
+def check_output_file(output: str, inputs: Iterable[str] = ()) -> None:
+    """Everything a safetensors output file must pass before any work: its name, its folder, and
+    not being one of `inputs`."""
+    check_destination(output)
+    check_file_name(output)
+    refuse_overwrite(output, inputs)
+
+
+def _temp_stem(dst: str) -> str:
+    """`.sftools-<crc32 of the name>`: short whatever the name's length, the same for every run."""
+    base = os.path.basename(os.path.normpath(dst))
+    return f".sftools-{zlib.crc32(base.encode('utf-8', 'surrogateescape')):08x}"
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # someone else's live process
+        return True
+    return True
+
+
+def remove_stale_temporaries(dst: str) -> list[str]:
+    """Delete what killed runs to `dst` left beside it (their pid is gone); returns the paths."""
+    parent = os.path.dirname(os.path.abspath(dst)) or "."
+    removed = []
+    for path in glob.glob(os.path.join(glob.escape(parent), _temp_stem(dst) + "-*")):
+        pid_text = os.path.basename(path)[len(_temp_stem(dst)) + 1:].split(".", 1)[0]
+        if not pid_text.isdigit() or int(pid_text) == os.getpid() or _alive(int(pid_text)):
+            continue
+        shutil.rmtree(path, ignore_errors=True) if os.path.isdir(path) else os.remove(path)
+        removed.append(path)
+    if removed:
+        log.warning("removed %d temporary file(s) left by an interrupted run: %s", len(removed), ", ".join(removed))
+    return removed
+
+
 @contextlib.contextmanager
 def atomic_target(dst: str, is_dir: bool = False) -> Iterator[str]:
     """Yield a temporary path beside `dst`; move it to `dst` only if the block succeeds."""
@@ -62,19 +117,17 @@ def atomic_target(dst: str, is_dir: bool = False) -> Iterator[str]:
         _check_folder_destination(dst, parent)
     else:
         check_destination(dst)
-    base = os.path.basename(os.path.normpath(dst))
-    tmp = tempfile.mkdtemp(prefix=f".{base}.", suffix=".tmp", dir=parent) if is_dir else \
-        os.path.join(parent, f".{base}.{os.getpid()}.tmp")
-    if is_dir:  # mkdtemp makes 0700; an output folder gets the usual permissions
-        umask = os.umask(0)
-        os.umask(umask)
-        os.chmod(tmp, 0o777 & ~umask)
+    remove_stale_temporaries(dst)
+    tmp = os.path.join(parent, f"{_temp_stem(dst)}-{os.getpid()}.tmp")
     try:
-        yield tmp
         if is_dir:
-            _replace_dir(tmp, dst)
-        else:
-            os.replace(tmp, dst)
+            os.mkdir(tmp)
+        yield tmp
+        _replace_dir(tmp, dst) if is_dir else os.replace(tmp, dst)
+    except OSError as exc:
+        if exc.filename is not None and not str(exc.filename).startswith(tmp) and exc.filename != dst:
+            raise  # an input's error, which names its own file
+        raise SftoolsError(f"{dst}: {exc.strerror or exc}") from None  # the user's path, not the hidden one
     finally:
         if os.path.isdir(tmp):
             shutil.rmtree(tmp, ignore_errors=True)
@@ -101,23 +154,27 @@ def _replace_dir(tmp: str, dst: str) -> None:
     if not os.path.exists(dst):
         os.rename(tmp, dst)
         return
-    old = tmp + ".old"
+    old = tmp[: -len(".tmp")] + ".old"
     os.rename(dst, old)
     os.rename(tmp, dst)
     shutil.rmtree(old, ignore_errors=True)
 
 
-def write_file(dst: str, tensors: list[PlannedTensor], metadata: dict[str, str], desc: str = "writing") -> None:
+def write_file(dst: str, tensors: Mapping[str, LazyTensor], metadata: dict[str, str], desc: str = "writing") -> None:
     """One safetensors file, written atomically and verified."""
-    ordered = plan_order(tensors)
-    with atomic_target(dst) as tmp, progress(sum(t.nbytes for t in ordered), desc) as bar:
-        crcs = write_safetensors(tmp, ordered, metadata, on_tensor=lambda t: bar.update(t.nbytes))
-        verify_safetensors(tmp, crcs)
+    check_file_name(dst)
+    ordered = plan_order(tensors.items())
+    total = sum(t.nbytes for _, t in ordered)
+    with atomic_target(dst) as tmp:
+        with progress(total, desc) as bar:
+            crcs = write_safetensors(tmp, ordered, metadata, on_bytes=bar.update)
+        with progress(total, "verifying") as bar:
+            verify_safetensors(tmp, crcs, on_bytes=bar.update)
 
 
 def write_sharded(
     dst_dir: str,
-    tensors: list[PlannedTensor],
+    tensors: Mapping[str, LazyTensor],
     metadata: dict[str, str],
     max_shard_bytes: int,
     extra_files: dict[str, str] | None = None,
@@ -125,21 +182,22 @@ def write_sharded(
 ) -> list[str]:
     """Shards of at most `max_shard_bytes` (a larger single tensor gets a shard of its own) plus the
     `diffusion_pytorch_model.safetensors.index.json` diffusers reads; one shard gets no index."""
-    shards = _split(plan_order(tensors), max_shard_bytes)
+    shards = split_shards(plan_order(tensors.items()), max_shard_bytes)
     n = len(shards)
     names = [f"{SHARD_STEM}.safetensors"] if n == 1 else [
         f"{SHARD_STEM}-{i + 1:05d}-of-{n:05d}.safetensors" for i in range(n)
     ]
-    total = sum(t.nbytes for t in tensors)
-    with atomic_target(dst_dir, is_dir=True) as tmp, progress(total, desc) as bar:
-        for name, shard in zip(names, shards):
-            path = os.path.join(tmp, name)
-            crcs = write_safetensors(path, shard, metadata, on_tensor=lambda t: bar.update(t.nbytes))
-            verify_safetensors(path, crcs)
+    total = sum(t.nbytes for t in tensors.values())
+    with atomic_target(dst_dir, is_dir=True) as tmp:
+        with progress(total, desc) as bar, progress(total, "verifying") as check:
+            for name, shard in zip(names, shards):
+                path = os.path.join(tmp, name)
+                crcs = write_safetensors(path, shard, metadata, on_bytes=bar.update)
+                verify_safetensors(path, crcs, on_bytes=check.update)
         if n > 1:
             index = {
                 "metadata": {"total_size": total},
-                "weight_map": {t.name: name for name, shard in zip(names, shards) for t in shard},
+                "weight_map": {tname: name for name, shard in zip(names, shards) for tname, _ in shard},
             }
             with open(os.path.join(tmp, f"{SHARD_STEM}.safetensors.index.json"), "w") as f:
                 json.dump(index, f, indent=2, sort_keys=True)
@@ -149,13 +207,21 @@ def write_sharded(
     return names
 
 
-def _split(tensors: list[PlannedTensor], limit: int) -> list[list[PlannedTensor]]:
-    shards: list[list[PlannedTensor]] = [[]]
+def split_shards(tensors: list[Named], limit: int) -> list[list[Named]]:
+    shards: list[list[Named]] = [[]]
     size = 0
-    for t in tensors:
+    for name, t in tensors:
         if shards[-1] and size + t.nbytes > limit:
             shards.append([])
             size = 0
-        shards[-1].append(t)
+        shards[-1].append((name, t))
         size += t.nbytes
     return shards
+
+
+def write_text(dst: str, text: str) -> None:
+    """A small text output (a JSON report), atomically."""
+    with atomic_target(dst) as tmp, open(tmp, "w") as f:
+        f.write(text)
+
+

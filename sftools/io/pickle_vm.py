@@ -12,12 +12,13 @@ Opcodes are decoded by `pickletools.genops`, which only parses; the stack machin
 
 from __future__ import annotations
 
-import math
 import pickletools
 from dataclasses import dataclass, field
 from typing import Any, BinaryIO, Callable
 
 import torch
+
+from sftools.io.lazy import nbytes
 
 # Bounds against memory and time exhaustion; real checkpoints are orders of magnitude below them.
 MAX_OPCODES = 20_000_000
@@ -77,7 +78,7 @@ class TensorRef:
     @property
     def nbytes(self) -> int:
         """Bytes of the tensor once materialized (a view can describe more than its storage holds)."""
-        return math.prod(self.shape) * self.dtype.itemsize
+        return nbytes(self.dtype, self.shape)
 
 
 @dataclass(frozen=True)
@@ -142,7 +143,7 @@ NUMPY_OPAQUE = {
 }
 
 
-def describe(value: Any) -> str:
+def bounded_summary(value: Any) -> str:
     """A short, bounded description of an untrusted value: never its repr, which a hostile
     structure can make exponentially long or deep."""
     if isinstance(value, (str, bytes)):
@@ -177,7 +178,7 @@ def refusal_reason(g: Global) -> str:
 
 def _ints(value: Any, what: str) -> tuple[int, ...]:
     if not isinstance(value, tuple) or not all(type(v) is int for v in value):
-        raise PickleError(f"tensor {what} is not a tuple of ints (got {describe(value)})")
+        raise PickleError(f"tensor {what} is not a tuple of ints (got {bounded_summary(value)})")
     return value
 
 
@@ -185,7 +186,7 @@ def _rebuild_tensor(storage: Any, offset: Any, size: Any, stride: Any, dtype: to
     if not isinstance(storage, StorageRef):
         raise PickleError(f"tensor rebuild on something that is not a storage: {type(storage).__name__}")
     if type(offset) is not int or offset < 0:
-        raise PickleError(f"tensor storage offset ({describe(offset)}) is not a non-negative int")
+        raise PickleError(f"tensor storage offset ({bounded_summary(offset)}) is not a non-negative int")
     shape, strides = _ints(size, "size"), _ints(stride, "stride")
     if len(shape) != len(strides) or not all(0 <= s < MAX_DIM for s in shape + strides) or offset >= MAX_DIM:
         raise PickleError(f"tensor size {shape[:8]} and stride {strides[:8]} do not describe a view")

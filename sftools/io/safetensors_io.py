@@ -15,14 +15,14 @@ import json
 import os
 import struct
 import zlib
-from dataclasses import dataclass
-from typing import Callable, Iterable, Iterator
+from typing import Callable, Iterable
 
 import torch
 from safetensors import safe_open
 
 from sftools.errors import SftoolsError
-from sftools.io.lazy import CHUNK_BYTES, Checkpoint, LazyTensor
+from sftools.io.formats import MAX_HEADER
+from sftools.io.lazy import CHUNK_BYTES, Checkpoint, LazyTensor, TensorMismatch, nbytes
 
 # The safetensors names of the torch dtypes it can store (safetensors/src/tensor.rs `Dtype`).
 ST_DTYPES: dict[torch.dtype, str] = {
@@ -34,26 +34,7 @@ ST_DTYPES: dict[torch.dtype, str] = {
 if hasattr(torch, "float8_e8m0fnu"):
     ST_DTYPES[torch.float8_e8m0fnu] = "F8_E8M0"
 TORCH_DTYPES = {v: k for k, v in ST_DTYPES.items()}
-MAX_HEADER = 100_000_000  # the limit safetensors itself enforces
-
-
-@dataclass(frozen=True)
-class PlannedTensor:
-    """One tensor of an output file: its final name, dtype and shape, and how to produce it."""
-
-    name: str
-    dtype: torch.dtype
-    shape: tuple[int, ...]
-    produce: Callable[[], torch.Tensor]
-    # Optional: the flat tensor in final-dtype pieces, each valid until the next is asked for.
-    chunks: Callable[[], Iterator[torch.Tensor]] | None = None
-
-    @property
-    def nbytes(self) -> int:
-        n = self.dtype.itemsize
-        for s in self.shape:
-            n *= s
-        return n
+Named = tuple[str, LazyTensor]  # a tensor of an output file: its final name, and how to produce it
 
 
 def read_safetensors(path: str) -> Checkpoint:
@@ -70,7 +51,7 @@ def read_safetensors(path: str) -> Checkpoint:
         if dtype is None:
             raise SftoolsError(f"{path}: tensor {name} has dtype {info['dtype']}, which sftools cannot read")
         tensors[name] = LazyTensor(dtype, tuple(info["shape"]), _getter(handle, name), storage=(path, name))
-    return Checkpoint(path, "safetensors", tensors, metadata=dict(metadata))
+    return Checkpoint(path, "safetensors", tensors, metadata=dict(metadata), files=(path,))
 
 
 def _getter(handle, name: str) -> Callable[[], torch.Tensor]:
@@ -106,13 +87,11 @@ def _check_layout(path: str, header: dict, data_len: int) -> None:
             continue
         try:
             begin, end = info["data_offsets"]
-            nbytes = TORCH_DTYPES[info["dtype"]].itemsize
-            for s in info["shape"]:
-                nbytes *= s
+            size = nbytes(TORCH_DTYPES[info["dtype"]], info["shape"])
         except (KeyError, TypeError, ValueError):
             raise SftoolsError(f"{path}: tensor {name} has a malformed header entry") from None
-        if end - begin != nbytes:
-            raise SftoolsError(f"{path}: tensor {name} spans {end - begin} bytes, its shape needs {nbytes}")
+        if end - begin != size:
+            raise SftoolsError(f"{path}: tensor {name} spans {end - begin} bytes, its shape needs {size}")
         spans.append((begin, end, name))
     at = 0
     for begin, end, name in sorted(spans):
@@ -123,20 +102,20 @@ def _check_layout(path: str, header: dict, data_len: int) -> None:
         raise SftoolsError(f"{path}: file holds {data_len} data bytes, header describes {at} (truncated?)")
 
 
-def plan_order(tensors: Iterable[PlannedTensor]) -> list[PlannedTensor]:
+def plan_order(tensors: Iterable[Named]) -> list[Named]:
     """Largest element size first, then by name, as safetensors orders files, so every tensor is aligned."""
-    return sorted(tensors, key=lambda t: (-t.dtype.itemsize, t.name))
+    return sorted(tensors, key=lambda nt: (-nt[1].dtype.itemsize, nt[0]))
 
 
-def build_header(tensors: list[PlannedTensor], metadata: dict[str, str]) -> bytes:
+def build_header(tensors: list[Named], metadata: dict[str, str]) -> bytes:
     header: dict = {"__metadata__": {str(k): str(v) for k, v in metadata.items()}} if metadata else {}
     offset = 0
-    for t in tensors:
+    for name, t in tensors:
         if t.dtype not in ST_DTYPES:
-            raise SftoolsError(f"tensor {t.name} has dtype {t.dtype}, which safetensors cannot store")
-        if t.name == "__metadata__" or t.name in header:
-            raise SftoolsError(f"tensor name {t.name!r} is reserved or repeated")
-        header[t.name] = {"dtype": ST_DTYPES[t.dtype], "shape": list(t.shape), "data_offsets": [offset, offset + t.nbytes]}
+            raise SftoolsError(f"tensor {name} has dtype {t.dtype}, which safetensors cannot store")
+        if name == "__metadata__" or name in header:
+            raise SftoolsError(f"tensor name {name!r} is reserved or repeated")
+        header[name] = {"dtype": ST_DTYPES[t.dtype], "shape": list(t.shape), "data_offsets": [offset, offset + t.nbytes]}
         offset += t.nbytes
     raw = json.dumps(header, separators=(",", ":"), ensure_ascii=False).encode("utf-8")
     return raw + b" " * (-len(raw) % 8)
@@ -144,9 +123,9 @@ def build_header(tensors: list[PlannedTensor], metadata: dict[str, str]) -> byte
 
 def write_safetensors(
     path: str,
-    tensors: list[PlannedTensor],
+    tensors: list[Named],
     metadata: dict[str, str] | None = None,
-    on_tensor: Callable[[PlannedTensor], None] | None = None,
+    on_bytes: Callable[[int], None] | None = None,
 ) -> dict[str, int]:
     """Stream `tensors` (already in file order) into `path`; returns a CRC32 of each tensor's bytes.
 
@@ -157,33 +136,33 @@ def write_safetensors(
     with open(path, "wb") as f:
         f.write(struct.pack("<Q", len(header)))
         f.write(header)
-        for t in tensors:
-            crcs[t.name] = _write_streamed(f, t) if t.chunks else _write_whole(f, t)
-            if on_tensor:
-                on_tensor(t)
+        for name, t in tensors:
+            try:
+                crcs[name] = _write_streamed(f, t) if t.chunks else _write_whole(f, t)
+            except TensorMismatch as exc:
+                raise SftoolsError(f"tensor {name}: {exc}") from None
+            if on_bytes:
+                on_bytes(t.nbytes)
     return crcs
 
 
-def _write_whole(f, t: PlannedTensor) -> int:
-    value = t.produce()
-    if value.dtype != t.dtype or tuple(value.shape) != t.shape:
-        raise SftoolsError(f"tensor {t.name}: produced {value.dtype} {tuple(value.shape)}, planned {t.dtype} {t.shape}")
-    data = tensor_bytes(value)
+def _write_whole(f, t: LazyTensor) -> int:
+    data = tensor_bytes(t.load())
     f.write(data)
     return zlib.crc32(data)
 
 
-def _write_streamed(f, t: PlannedTensor) -> int:
+def _write_streamed(f, t: LazyTensor) -> int:
     crc, written = 0, 0
     for piece in t.chunks():
         if piece.dtype != t.dtype:
-            raise SftoolsError(f"tensor {t.name}: produced {piece.dtype}, planned {t.dtype}")
+            raise TensorMismatch(f"produced {piece.dtype}, declared {t.dtype}")
         data = tensor_bytes(piece)
         crc = zlib.crc32(data, crc)
         f.write(data)
         written += len(data)
     if written != t.nbytes:
-        raise SftoolsError(f"tensor {t.name}: produced {written} bytes, planned {t.nbytes}")
+        raise TensorMismatch(f"produced {written} bytes, declared {t.nbytes}")
     return crc
 
 
@@ -195,7 +174,7 @@ def tensor_bytes(t: torch.Tensor) -> memoryview:
     return memoryview(flat.view(torch.uint8).numpy()).cast("B")
 
 
-def verify_safetensors(path: str, crcs: dict[str, int]) -> None:
+def verify_safetensors(path: str, crcs: dict[str, int], on_bytes: Callable[[int], None] | None = None) -> None:
     """Check `path` with safetensors' own reader, then re-read every tensor's bytes and compare.
 
     The bytes are re-read in pieces into one reused buffer: fresh allocations per tensor cost more
@@ -218,5 +197,7 @@ def verify_safetensors(path: str, crcs: dict[str, int]) -> None:
             for at in range(begin, end, CHUNK_BYTES):
                 n = f.readinto(memoryview(buf)[: min(CHUNK_BYTES, end - at)])
                 crc = zlib.crc32(memoryview(buf)[:n], crc)
+                if on_bytes:
+                    on_bytes(n)
             if crc != expected:
                 raise SftoolsError(f"{path}: tensor {name} reads back different bytes")

@@ -2,10 +2,10 @@
 
 from __future__ import annotations
 
-import os
 from collections import Counter
 
 from sftools.errors import SftoolsError
+from sftools.io.formats import sniff
 from sftools.io.lazy import dtype_counts, shared_count
 from sftools.io.pickle_vm import is_allowed
 from sftools.io.sources import open_checkpoint
@@ -14,10 +14,16 @@ from sftools.io.torch_pickle import NEST, scan_pickle
 
 def scan_file(path: str) -> dict:
     """A JSON-ready report; `safe` is False with `refusals` for anything we would not read."""
-    if not os.path.exists(path):
-        raise SftoolsError(f"{path}: no such file or folder")
-    if os.path.isdir(path) or path.endswith((".safetensors", ".sft", ".index.json")) or _looks_safetensors(path):
-        return _scan_safetensors(path)
+    try:
+        kind = sniff(path)
+    except SftoolsError as exc:
+        if "no such file" in str(exc):
+            raise
+        return _refused(path, "unknown", str(exc))
+    if kind in ("folder", "safetensors") or path.endswith(".index.json"):
+        return _scan_safetensors(path, kind)
+    if kind == "gguf":
+        return _refused(path, kind, f"{path}: is a GGUF file; sftools reads safetensors and torch checkpoints")
     scan = scan_pickle(path)
     counts = Counter(str(g) for g in scan.globals)
     allowed = {str(g): is_allowed(g) for g in scan.globals}
@@ -38,17 +44,15 @@ def scan_file(path: str) -> dict:
     }
 
 
-def _looks_safetensors(path: str) -> bool:
-    with open(path, "rb") as f:
-        head = f.read(9)
-    return len(head) == 9 and head[8:9] == b"{"
+def _refused(path: str, fmt: str, reason: str) -> dict:
+    return {"path": path, "format": fmt, "safe": False, "refusals": [reason]}
 
 
-def _scan_safetensors(path: str) -> dict:
+def _scan_safetensors(path: str, kind: str) -> dict:
     try:
         ckpt = open_checkpoint(path)
     except SftoolsError as exc:
-        return {"path": path, "format": "safetensors", "safe": False, "refusals": [str(exc)]}
+        return _refused(path, kind, str(exc))
     return {
         "path": path,
         "format": ckpt.format,
@@ -60,4 +64,3 @@ def _scan_safetensors(path: str) -> dict:
         "bytes": sum(t.nbytes for t in ckpt.tensors.values()),
         "metadata": ckpt.metadata,
     }
-

@@ -2,6 +2,7 @@
 
 A `.safetensors` file, a sharded folder or its `*.safetensors.index.json`, a diffusers model or
 pipeline folder, or a pickled checkpoint (read by the symbolic reader, never by `torch.load`).
+What a file is comes from its bytes (`formats.sniff`), not its name.
 """
 
 from __future__ import annotations
@@ -12,40 +13,36 @@ import os
 import re
 
 from sftools.errors import SftoolsError
+from sftools.io.formats import sniff
 from sftools.io.lazy import Checkpoint
 from sftools.io.safetensors_io import read_safetensors
 from sftools.io.torch_pickle import read_pickle_checkpoint
 
-PICKLE_SUFFIXES = (".pt", ".pth", ".ckpt", ".bin", ".pkl", ".pickle")
 SHARD_NAME = re.compile(r"-\d{5}-of-\d{5}(?=\.safetensors$)")  # model-00001-of-00003.safetensors
 
 
 def open_checkpoint(path: str) -> Checkpoint:
     """Lazy tensors from any supported source; a one-line `SftoolsError` for anything else."""
-    if not os.path.exists(path):
-        raise SftoolsError(f"{path}: no such file or folder")
-    if os.path.isdir(path):
+    kind = sniff(path)
+    if kind == "folder":
         return _read_folder(path)
     if path.endswith(".index.json"):
         return _read_index(path)
-    if path.endswith(".safetensors") or path.endswith(".sft"):
+    if kind == "safetensors":
         return read_safetensors(path)
-    with open(path, "rb") as f:
-        head = f.read(8)
-    if path.endswith(PICKLE_SUFFIXES) or head[:2] in (b"PK", b"\x80\x02"):
-        return read_pickle_checkpoint(path)
-    # Sniff a safetensors header for files without the usual suffix.
-    return read_safetensors(path)
+    if kind == "gguf":
+        raise SftoolsError(f"{path}: is a GGUF file; sftools reads safetensors and torch checkpoints")
+    return read_pickle_checkpoint(path)
 
 
 def _read_folder(path: str) -> Checkpoint:
     transformer = os.path.join(path, "transformer")
-    if os.path.isdir(transformer) and not glob.glob(os.path.join(path, "*.safetensors")):
+    if os.path.isdir(transformer) and not glob.glob(os.path.join(glob.escape(path), "*.safetensors")):
         return _read_folder(transformer)
-    indexes = sorted(glob.glob(os.path.join(path, "*.safetensors.index.json")))
+    indexes = sorted(glob.glob(os.path.join(glob.escape(path), "*.safetensors.index.json")))
     if len(indexes) == 1:
         return _read_index(indexes[0])
-    files = sorted(glob.glob(os.path.join(path, "*.safetensors")))
+    files = sorted(glob.glob(os.path.join(glob.escape(path), "*.safetensors")))
     if not files:
         raise SftoolsError(f"{path}: folder holds no .safetensors files")
     if len(files) > 1 and len({SHARD_NAME.sub("", os.path.basename(f)) for f in files}) > 1:
@@ -68,6 +65,7 @@ def _read_index(index_path: str) -> Checkpoint:
     folder = os.path.dirname(os.path.abspath(index_path))
     files = sorted(set(weight_map.values()))
     merged = _merge(index_path, "safetensors-sharded", [os.path.join(folder, f) for f in files])
+    merged.files = (index_path, *merged.files)
     missing = set(weight_map) - set(merged.tensors)
     if missing:
         raise SftoolsError(f"{index_path}: tensor {sorted(missing)[0]} is in the index but in no shard")
@@ -86,4 +84,4 @@ def _merge(path: str, fmt: str, files: list[str]) -> Checkpoint:
                 raise SftoolsError(f"{path}: tensor {name} appears in two shards")
             tensors[name] = t
         metadata.update(part.metadata)
-    return Checkpoint(path, fmt, tensors, metadata)
+    return Checkpoint(path, fmt, tensors, metadata, files=tuple(files))

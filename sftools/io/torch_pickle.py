@@ -29,7 +29,7 @@ from sftools.io.pickle_vm import (
     PickleError,
     StorageRef,
     TensorRef,
-    describe,
+    bounded_summary,
     is_allowed,
     refusal_reason,
     run_pickle,
@@ -131,7 +131,7 @@ def _scan_zip(path: str, scan: PickleScan) -> None:
 
     def persistent_load(pid: Any) -> StorageRef:
         if not (isinstance(pid, tuple) and len(pid) == 5 and pid[0] == "storage"):
-            raise PickleError(f"unexpected persistent id ({describe(pid)})")
+            raise PickleError(f"unexpected persistent id ({bounded_summary(pid)})")
         _, stype, key, location, numel = pid
         dtype, itemsize = _storage_dtype(stype)
         if not isinstance(key, str) or type(numel) is not int or not 0 <= numel < MAX_DIM:
@@ -178,7 +178,7 @@ def _scan_legacy(path: str, scan: PickleScan) -> None:
 
         def persistent_load(pid: Any) -> StorageRef:
             if not (isinstance(pid, tuple) and len(pid) == 6 and pid[0] == "storage"):
-                raise PickleError(f"unexpected persistent id ({describe(pid)})")
+                raise PickleError(f"unexpected persistent id ({bounded_summary(pid)})")
             _, stype, root_key, location, numel, view = pid
             dtype, itemsize = _storage_dtype(stype)
             if not isinstance(root_key, str) or type(numel) is not int or not 0 <= numel < MAX_DIM:
@@ -293,7 +293,7 @@ def read_pickle_checkpoint(path: str) -> Checkpoint:
         raise UnsafeCheckpoint(f"{path}: refused: {scan.refusals[0]}")
     tensors = {name: _lazy(path, scan.storage_offsets[ref.storage.key], ref) for name, ref in scan.tensors.items()}
     notes = [f"skipped non-tensor entry {name!r} ({what})" for name, what in scan.skipped.items()]
-    return Checkpoint(path, scan.format, tensors, notes=notes)
+    return Checkpoint(path, scan.format, tensors, notes=notes, files=(path,))
 
 
 def _lazy(path: str, storage_offset: int, ref: TensorRef) -> LazyTensor:

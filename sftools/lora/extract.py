@@ -14,68 +14,107 @@ biases whose weights have no factors. Everything else (biases, norms, `modulatio
 
 from __future__ import annotations
 
+import dataclasses
+import json
 import math
-import re
+import os
 import time
 import zlib
-from dataclasses import asdict, dataclass, field
+from collections import Counter
+from dataclasses import dataclass, field
 
 import torch
 
 from sftools import __version__
-from sftools.convert import load_model
-from sftools.errors import SftoolsError
-from sftools.io.lazy import Checkpoint
-from sftools.io.output import progress
+from sftools.errors import SettingsError, SftoolsError
+from sftools.io.dtypes import dtype_name, torch_dtype
+from sftools.io.lazy import CASTABLE, Checkpoint
+from sftools.io.output import check_destination, check_output_file, progress, refuse_overwrite, write_text
 from sftools.io.safetensors_io import tensor_bytes
-from sftools.lora.forms import Lora
-from sftools.lora.svd import METHODS, RANK_MODES, choose_rank, factorize, seed_for
-from sftools.wan.detect import describe
-from sftools.wan.layouts import ORIGINAL_KEY
+from sftools.lora.forms import Lora, diffusers_problems, write_lora
+from sftools.lora.keys import FORMS, refuse_lora
+from sftools.lora.settings import ExtractSettings
+from sftools.lora.svd import choose_rank, factorize
+from sftools.wan.detect import describe_weights
+from sftools.wan.keys import ORIGINAL_KEY
+from sftools.wan.source import load_model
 
 
 @dataclass
-class ExtractOptions:
-    rank: int = 32
-    rank_mode: str = "fixed"
-    energy: float = 0.99
-    svd: str = "randomized"
-    oversample: int = 16
-    niter: int = 4
-    seed: int = 0
-    include: str | None = None  # regex on original parameter names
-    exclude: str | None = None
-    full_diffs: bool = True
-    min_diff: float = 0.0  # a pair whose largest |difference| is at most this counts as unchanged
-    device: str = "auto"
-    dtype: torch.dtype = torch.bfloat16
+class LayerReport:
+    name: str
+    shape: list[int]
+    norm: float  # ||tuned - base||_F
+    kind: str  # "lora" (factors) | "diff" (dense)
+    rank: int | None
+    rel_error: float  # of what is written (after the cast to the output dtype), against the true difference
+    optimal_rel_error: float | None  # of the optimal fp32 truncation, when an exact SVD computed it
+    seconds: float
 
-    def check(self) -> None:
-        if self.rank < 1:
-            raise SftoolsError(f"--rank must be at least 1, got {self.rank}")
-        if self.rank_mode not in RANK_MODES or self.svd not in METHODS:
-            raise SftoolsError(f"unknown rank mode {self.rank_mode!r} or SVD method {self.svd!r}")
-        if not 0 < self.energy <= 1:
-            raise SftoolsError(f"--energy must be in (0, 1], got {self.energy}")
-        if self.oversample < 0 or self.niter < 0:
-            raise SftoolsError(f"--oversample and --niter must be >= 0, got {self.oversample} and {self.niter}")
-        for pattern in (self.include, self.exclude):
-            if pattern:
-                try:
-                    re.compile(pattern)
-                except re.error as exc:
-                    raise SftoolsError(f"pattern {pattern!r} is not a regular expression: {exc}") from None
+
+@dataclass
+class ExtractReport:
+    """What one extraction did: the `--report` file, the `--json` output and the LoRA's metadata
+    are all this one object."""
+
+    base: str
+    tuned: str
+    settings: ExtractSettings
+    dtype: str  # the factors' dtype, resolved (keep -> the tuned model's)
+    base_fingerprint: str = ""
+    tuned_fingerprint: str = ""
+    layers: list[LayerReport] = field(default_factory=list)
+    unchanged: int = 0
+    excluded: int = 0
+    seconds: float = 0.0
+    output: str | None = None
+    form: str | None = None
+    not_in_form: list[str] = field(default_factory=list)  # parameters the form could not carry
+    diffusers_problems: list[str] = field(default_factory=list)  # why diffusers would refuse the file
+    tool: str = f"sftools {__version__}"
+
+    @property
+    def summary(self) -> dict:
+        ranks = [layer.rank for layer in self.layers if layer.kind == "lora"]
+        total = sum(layer.norm**2 for layer in self.layers)
+        weighted = math.sqrt(sum((layer.rel_error * layer.norm) ** 2 for layer in self.layers) / total) if total else 0.0
+        return {
+            "lora_modules": len(ranks),
+            "full_diffs": sum(layer.kind == "diff" for layer in self.layers),
+            "unchanged": self.unchanged,
+            "excluded": self.excluded,
+            "ranks": f"{min(ranks)}-{max(ranks)}" if ranks and min(ranks) != max(ranks) else (ranks[0] if ranks else 0),
+            "weighted_rel_error": weighted,
+            "max_rel_error": max((layer.rel_error for layer in self.layers), default=0.0),
+            "seconds": self.seconds,
+        }
+
+    def to_dict(self) -> dict:
+        out = dataclasses.asdict(self)
+        out["summary"] = self.summary
+        return out
+
+    def metadata(self) -> dict[str, str]:
+        """What the LoRA file records about its making (no empty entries)."""
+        rule = self.settings.rank
+        meta = {
+            "sftools.version": __version__,
+            "sftools.lora.rank": str(rule.rank),
+            "sftools.lora.rank_mode": rule.mode,
+            "sftools.lora.energy": str(rule.energy) if rule.mode == "energy" else "",
+            "sftools.lora.svd": self.settings.svd.method,
+            "sftools.lora.alpha": "rank (baked in; no .alpha keys, every loader applies scale 1)",
+            "sftools.lora.base_fingerprint": self.base_fingerprint,
+            "sftools.lora.tuned_fingerprint": self.tuned_fingerprint,
+            "sftools.lora.weighted_rel_error": f"{self.summary['weighted_rel_error']:.6g}",
+        }
+        return {k: v for k, v in meta.items() if v}
 
 
 def resolve_device(name: str) -> torch.device:
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    try:
-        device = torch.device(name)
-    except RuntimeError:
-        device = None
-    if device is None or device.type not in ("cpu", "cuda"):
-        raise SftoolsError(f"--device {name!r} is not one of auto, cpu, cuda, cuda:N")
+    device = torch.device(name)
     if device.type == "cuda" and not torch.cuda.is_available():
         raise SftoolsError("--device cuda was asked for, but torch sees no CUDA device")
     return device
@@ -88,16 +127,18 @@ def is_factored(name: str, shape: tuple[int, ...]) -> bool:
 
 def open_pair(base_path: str, tuned_path: str) -> tuple[Checkpoint, Checkpoint]:
     """Both models in original names, checked against each other before any tensor is read."""
-    base = load_model(base_path, layout="original", dequant=True)
-    tuned = load_model(tuned_path, layout="original", dequant=True)
-    kinds = []
-    for path, ckpt in ((base_path, base), (tuned_path, tuned)):
-        kinds.append(describe({n: t.shape for n, t in ckpt.tensors.items()}).kind)
+    models, kinds = [], []
+    for path in (base_path, tuned_path):
+        ckpt = load_model(path, layout="original", dequant=True)
+        refuse_lora(path, ckpt.tensors)
+        kinds.append(describe_weights({n: t.shape for n, t in ckpt.tensors.items()}).kind)
         # Part of a model (some blocks, one shard) is fine as long as every name is a Wan one.
         stranger = next((n for n in ckpt.tensors if not ORIGINAL_KEY.match(n)), None)
         if stranger is not None:
             raise SftoolsError(f"{path}: is not a Wan 2.1 transformer ({stranger} is no Wan key); "
                                "LoRAs are extracted between models")
+        models.append(ckpt)
+    base, tuned = models
     if kinds[0] != kinds[1]:
         raise SftoolsError(f"{base_path} is {kinds[0]} but {tuned_path} is {kinds[1]}: the models are of different kinds")
     for name in tuned.tensors:
@@ -111,42 +152,78 @@ def open_pair(base_path: str, tuned_path: str) -> tuple[Checkpoint, Checkpoint]:
     return base, tuned
 
 
-def extract(base_path: str, tuned_path: str, opts: ExtractOptions) -> tuple[Lora, dict]:
-    """The LoRA and a report: per layer the rank kept and the relative Frobenius error of what is
+def _output_dtype(settings: ExtractSettings, tuned: Checkpoint) -> torch.dtype:
+    """The factors' dtype; `keep` is the tuned model's (most of its floats; fp32 once fp8 is dequantized)."""
+    chosen = torch_dtype(settings.dtype)
+    if chosen is not None:
+        return chosen
+    floats = Counter(t.dtype for t in tuned.tensors.values() if t.dtype in CASTABLE)
+    return floats.most_common(1)[0][0] if floats else torch.float32
+
+
+def extract(base_path: str, tuned_path: str, settings: ExtractSettings = ExtractSettings()) -> tuple[Lora, ExtractReport]:
+    """The LoRA and its report: per layer the rank kept and the relative Frobenius error of what is
     written (after the cast to the output dtype) against the true difference."""
-    opts.check()
-    run = _Run(opts, resolve_device(opts.device))
-    base, tuned = open_pair(base_path, tuned_path)
+    return extract_pair(*open_pair(base_path, tuned_path), settings)
+
+
+def extract_pair(base: Checkpoint, tuned: Checkpoint, settings: ExtractSettings) -> tuple[Lora, ExtractReport]:
+    device = resolve_device(settings.device)
+    dtype = _output_dtype(settings, tuned)
+    run = _Run(settings, device, dtype, ExtractReport(base.path, tuned.path, settings, dtype_name(dtype)))
     started = time.perf_counter()
     with progress(sum(t.nbytes for t in base.tensors.values()), "extracting") as bar:
         for name, lazy in base.tensors.items():
-            bar.update(lazy.nbytes)
             run.pair(name, lazy.load(), tuned.tensors[name].load())
-    if not run.layers:
-        raise SftoolsError(f"{tuned_path}: no selected tensor differs from {base_path}; nothing to extract")
-    return run.lora, _report(base_path, tuned_path, run, time.perf_counter() - started)
+            bar.update(lazy.nbytes)
+    if not run.report.layers:
+        raise SftoolsError(f"{tuned.path}: no selected tensor differs from {base.path}; nothing to extract")
+    run.report.seconds = time.perf_counter() - started
+    run.report.base_fingerprint, run.report.tuned_fingerprint = (f"{fingerprint(side):08x}" for side in run.crcs)
+    return run.lora, run.report
+
+
+def extract_to_file(base_path: str, tuned_path: str, output: str, settings: ExtractSettings = ExtractSettings(),
+                    form: str = "comfyui", report_path: str | None = None) -> ExtractReport:
+    """Extract and write the LoRA (and the report as JSON), refusing, before any work, destinations
+    that could not be written or that are inputs."""
+    if form not in FORMS:
+        raise SftoolsError(f"LoRA form {form!r} is not one of {', '.join(FORMS)}")
+    if report_path and os.path.realpath(report_path) == os.path.realpath(output):
+        raise SettingsError(f"--report {report_path} must name a file other than the output")
+    base, tuned = open_pair(base_path, tuned_path)
+    inputs = [base_path, tuned_path, *base.files, *tuned.files]
+    check_output_file(output, inputs)
+    if report_path:
+        check_destination(report_path)
+        refuse_overwrite(report_path, inputs)
+    lora, report = extract_pair(base, tuned, settings)
+    report.output, report.form = output, form
+    report.diffusers_problems = diffusers_problems(lora) if form == "comfyui" else []
+    report.not_in_form = write_lora(output, lora, form, torch_dtype(report.dtype), report.metadata())
+    if report_path:
+        write_text(report_path, json.dumps(report.to_dict(), indent=1))
+    return report
 
 
 @dataclass
 class _Run:
     """What one extraction accumulates while pairs stream through it."""
 
-    opts: ExtractOptions
+    settings: ExtractSettings
     device: torch.device
+    dtype: torch.dtype
+    report: ExtractReport
     lora: Lora = field(default_factory=Lora)
-    layers: list[dict] = field(default_factory=list)
-    unchanged: int = 0
-    excluded: int = 0
     crcs: tuple[dict, dict] = field(default_factory=lambda: ({}, {}))  # per side: name -> CRC of its bytes
 
     def pair(self, name: str, base: torch.Tensor, tuned: torch.Tensor) -> None:
         """Fingerprint one base/tuned pair, then skip, exclude or extract it."""
         for side, t in zip(self.crcs, (base, tuned)):
             side[name] = zlib.crc32(tensor_bytes(t))
-        opts, factored = self.opts, is_factored(name, tuple(base.shape))
-        if (opts.include and not re.search(opts.include, name)) or (opts.exclude and re.search(opts.exclude, name)) \
-                or (not factored and not opts.full_diffs):
-            self.excluded += 1
+        factored = is_factored(name, tuple(base.shape))
+        if not self.settings.selection.selects(name, factored):
+            self.report.excluded += 1
             return
         delta = tuned.to(self.device, torch.float32)
         delta.sub_(base.to(self.device))  # in place: one fp32 matrix alive per pair, not three
@@ -154,33 +231,30 @@ class _Run:
         largest = float(delta.abs().max()) if delta.numel() else 0.0
         if not math.isfinite(largest):
             raise SftoolsError(f"{name}: the difference holds NaN or inf (a corrupt base or tuned tensor)")
-        if largest <= opts.min_diff:
-            self.unchanged += 1
+        if largest <= self.settings.selection.min_diff:
+            self.report.unchanged += 1
             return
-        self.layers.append(_extract_one(name, delta, factored, opts, self.lora))
+        self.report.layers.append(self._extract_one(name, delta, factored))
 
-
-def _extract_one(name: str, delta: torch.Tensor, factored: bool, opts: ExtractOptions, lora: Lora) -> dict:
-    started = time.perf_counter()
-    norm = float(torch.linalg.vector_norm(delta))
-    layer = {"name": name, "shape": list(delta.shape), "norm": norm}
-    if not factored:
-        written = delta.to(opts.dtype)
-        lora.diffs[name] = written.cpu()
-        error = float(torch.linalg.vector_norm(delta - written.float())) / norm
-        return {**layer, "kind": "diff", "rank": None, "rel_error": error, "optimal_rel_error": None,
-                "seconds": time.perf_counter() - started}
-    f = factorize(delta, opts.rank, opts.svd, opts.oversample, opts.niter, seed_for(name, opts.seed))
-    k = choose_rank(f.singular_values, norm**2, opts.rank, opts.rank_mode, opts.energy)
-    up, down = f.up[:, :k], f.down[:k]
-    # With an exact SVD the fp32 rank-k truncation is the optimal one (Eckart-Young); its residual is
-    # measured directly, since summing the tail of the spectrum loses precision.
-    optimal = residual_norm(delta, up, down) / norm if f.exact else None
-    up, down = up.to(opts.dtype), down.to(opts.dtype)
-    lora.factors[name] = (up.cpu(), down.cpu())
-    error = residual_norm(delta, up.float(), down.float()) / norm
-    return {**layer, "kind": "lora", "rank": k, "rel_error": error, "optimal_rel_error": optimal,
-            "seconds": time.perf_counter() - started}
+    def _extract_one(self, name: str, delta: torch.Tensor, factored: bool) -> LayerReport:
+        started = time.perf_counter()
+        norm = float(torch.linalg.vector_norm(delta))
+        if not factored:
+            written = delta.to(self.dtype)
+            self.lora.diffs[name] = written.cpu()
+            error = float(torch.linalg.vector_norm(delta - written.float())) / norm
+            return LayerReport(name, list(delta.shape), norm, "diff", None, error, None, time.perf_counter() - started)
+        rule = self.settings.rank
+        f = factorize(delta, rule.rank, self.settings.svd, name)
+        k = choose_rank(rule, f.singular_values, norm**2)
+        up, down = f.up[:, :k], f.down[:k]
+        # With an exact SVD the fp32 rank-k truncation is the optimal one (Eckart-Young); its residual is
+        # measured directly, since summing the tail of the spectrum loses precision.
+        optimal = residual_norm(delta, up, down) / norm if f.exact else None
+        up, down = up.to(self.dtype), down.to(self.dtype)
+        self.lora.factors[name] = (up.cpu(), down.cpu())
+        error = residual_norm(delta, up.float(), down.float()) / norm
+        return LayerReport(name, list(delta.shape), norm, "lora", k, error, optimal, time.perf_counter() - started)
 
 
 def fingerprint(crcs: dict[str, int]) -> int:
@@ -195,46 +269,3 @@ def fingerprint(crcs: dict[str, int]) -> int:
 def residual_norm(delta: torch.Tensor, up: torch.Tensor, down: torch.Tensor) -> float:
     """||delta - up @ down||_F with a single temporary matrix."""
     return float(torch.linalg.vector_norm(torch.addmm(delta, up, down, alpha=-1)))
-
-
-def _report(base_path: str, tuned_path: str, run: _Run, seconds: float) -> dict:
-    layers, opts = run.layers, run.opts
-    total = sum(layer["norm"] ** 2 for layer in layers)
-    weighted = math.sqrt(sum((layer["rel_error"] * layer["norm"]) ** 2 for layer in layers) / total) if total else 0.0
-    ranks = [layer["rank"] for layer in layers if layer["kind"] == "lora"]
-    options = {k: (str(v).removeprefix("torch.") if k == "dtype" else v) for k, v in asdict(opts).items()}
-    fingerprints = [fingerprint(side) for side in run.crcs]
-    return {
-        "tool": f"sftools {__version__}",
-        "base": base_path,
-        "tuned": tuned_path,
-        "base_fingerprint": f"{fingerprints[0]:08x}",
-        "tuned_fingerprint": f"{fingerprints[1]:08x}",
-        "options": options,
-        "summary": {
-            "lora_modules": len(ranks),
-            "full_diffs": sum(layer["kind"] == "diff" for layer in layers),
-            "unchanged": run.unchanged,
-            "excluded": run.excluded,
-            "ranks": f"{min(ranks)}-{max(ranks)}" if ranks and min(ranks) != max(ranks) else (ranks[0] if ranks else 0),
-            "weighted_rel_error": weighted,
-            "max_rel_error": max((layer["rel_error"] for layer in layers), default=0.0),
-            "seconds": seconds,
-        },
-        "layers": layers,
-    }
-
-
-def lora_metadata(report: dict) -> dict[str, str]:
-    o = report["options"]
-    return {
-        "sftools.version": __version__,
-        "sftools.lora.rank": str(o["rank"]),
-        "sftools.lora.rank_mode": o["rank_mode"],
-        "sftools.lora.energy": str(o["energy"]) if o["rank_mode"] == "energy" else "",
-        "sftools.lora.svd": o["svd"],
-        "sftools.lora.alpha": "rank (baked in; no .alpha keys, every loader applies scale 1)",
-        "sftools.lora.base_fingerprint": report["base_fingerprint"],
-        "sftools.lora.tuned_fingerprint": report["tuned_fingerprint"],
-        "sftools.lora.weighted_rel_error": f"{report['summary']['weighted_rel_error']:.6g}",
-    }

@@ -3,13 +3,14 @@
 In memory a LoRA is deltas on original-named parameters with the scale baked in: low-rank factors
 (`up @ down`, alpha = rank, so every loader applies scale 1) and dense diffs.
 
-On disk:
+On disk (the key grammar is `lora.keys`):
 - comfyui (written, default): `diffusion_model.<original module>.lora_up.weight` / `.lora_down.weight`,
   dense `.diff` (weights and parameters such as `modulation`) and `.diff_b` (biases). ComfyUI,
   Kijai's wrapper, LightX2V and diffusers' Wan converter read it.
 - diffusers (written): peft names `transformer.<diffusers module>.lora_A.weight` / `.lora_B.weight`,
   bias deltas as `.lora_B.bias`, the `LoraConfig` as JSON in the `lora_adapter_metadata` metadata.
-  peft has no dense diffs, so those are left out and listed.
+  peft has no dense diffs, so those are left out and listed. Only diffusers and peft load this
+  form; ComfyUI, Kijai's wrapper, LightX2V, Wan2GP and DiffSynth-Studio drop or refuse it.
 - read as well: `lora_A` / `lora_B` spellings with `diffusion_model.`, `.alpha` keys, kohya / musubi
   `lora_unet_<module with _>`, and LightX2V's `blocks.N.diff_m` (modulation).
 """
@@ -24,20 +25,12 @@ from dataclasses import dataclass, field
 import torch
 
 from sftools.errors import SftoolsError
-from sftools.io.lazy import Checkpoint
-from sftools.io.output import write_file
-from sftools.io.safetensors_io import PlannedTensor
-from sftools.wan.layouts import ORIGINAL_KEY, diffusers_name_to_original, original_to_diffusers
-
-FORMS = ("comfyui", "diffusers")
-_SUFFIXES = (
-    (".lora_up.weight", "up"), (".lora_down.weight", "down"), (".lora_B.weight", "up"), (".lora_A.weight", "down"),
-    (".lora_B.bias", "diff_b"), (".alpha", "alpha"), (".diff_b", "diff_b"), (".diff_m", "diff_m"), (".diff", "diff"),
-)
-# Underscored names kohya / musubi write, restored before the dots of the rest come back.
-_KOHYA_WORDS = ("vace_patch_embedding", "patch_embedding", "text_embedding", "time_embedding", "time_projection",
-                "self_attn", "cross_attn", "norm_k_img", "k_img", "v_img", "norm_q", "norm_k", "img_emb",
-                "emb_pos", "vace_blocks", "before_proj", "after_proj")
+from sftools.io.lazy import Checkpoint, LazyTensor
+from sftools.io.dtypes import torch_dtype
+from sftools.io.output import check_output_file, write_file
+from sftools.io.sources import open_checkpoint
+from sftools.lora.keys import FORMS, comfyui_key, diffusers_key, parse_key, target_param
+from sftools.wan.keys import ORIGINAL_KEY, diffusers_name_to_original, original_to_diffusers
 
 
 @dataclass
@@ -48,6 +41,7 @@ class Lora:
     diffs: dict[str, torch.Tensor] = field(default_factory=dict)
     metadata: dict[str, str] = field(default_factory=dict)
     dtype: torch.dtype = torch.float32  # what the file it was read from stored (most tensors)
+    files: tuple[str, ...] = ()  # where it was read from
 
     def delta(self, param: str, shape: tuple[int, ...]) -> torch.Tensor | None:
         """The full fp32 delta this LoRA adds to `param`, or None."""
@@ -64,41 +58,45 @@ class Lora:
     def params(self) -> list[str]:
         return list(dict.fromkeys([*self.factors, *self.diffs]))
 
+    @property
+    def ranks(self) -> list[int]:
+        return [down.shape[0] for _, down in self.factors.values()]
 
-def _param_for_diff(module: str) -> str:
-    """`.diff` of `blocks.0.norm3` patches its `.weight`; of `blocks.0.modulation`, the parameter itself."""
-    return module + ".weight" if ORIGINAL_KEY.match(module + ".weight") else module
 
-
-def kohya_module(name: str) -> str:
-    """`blocks_0_self_attn_q` -> `blocks.0.self_attn.q`."""
-    dotted = name.replace("_", ".")
-    for word in _KOHYA_WORDS:
-        dotted = dotted.replace(word.replace("_", "."), word)
-    return dotted
+def read_lora_file(path: str) -> Lora:
+    return read_lora(open_checkpoint(path))
 
 
 def read_lora(ckpt: Checkpoint) -> Lora:
     """Any supported LoRA form into the in-memory form (alpha baked into the factors)."""
-    names = list(ckpt.tensors)
-    if any(n.startswith("transformer.") for n in names) and not any(n.startswith("diffusion_model.") for n in names):
-        lora = _read_diffusers(ckpt)
-    else:
-        lora = _read_original(ckpt)
+    keys = {}
+    for name in ckpt.tensors:
+        key = parse_key(name)
+        if key is None:
+            raise SftoolsError(f"{ckpt.path}: key {name} is not a LoRA key (no lora_up/lora_down/diff/alpha suffix)")
+        keys[name] = key
+    spellings = {k.spelling for k in keys.values()}
+    if len(spellings) > 1:
+        raise SftoolsError(f"{ckpt.path}: mixes diffusers (transformer.) keys with original ones")
+    lora = _read_diffusers(ckpt, keys) if spellings == {"diffusers"} else _read_original(ckpt, keys)
     if not lora.params:
         raise SftoolsError(f"{ckpt.path}: holds no LoRA factors or diffs")
     dtypes = Counter(t.dtype for t in ckpt.tensors.values())
     lora.dtype = dtypes.most_common(1)[0][0] if dtypes else torch.float32
+    lora.files = ckpt.files
     return lora
 
 
-def _read_original(ckpt: Checkpoint) -> Lora:
+def _grouped(ckpt: Checkpoint, keys) -> dict[str, dict[str, torch.Tensor]]:
     parts: dict[str, dict[str, torch.Tensor]] = {}
-    for name, lazy in ckpt.tensors.items():
-        module, kind = _split(ckpt.path, name)
-        parts.setdefault(module, {})[kind] = lazy.load()
+    for name, key in keys.items():
+        parts.setdefault(key.module, {})[key.part] = ckpt.tensors[name].load()
+    return parts
+
+
+def _read_original(ckpt: Checkpoint, keys) -> Lora:
     lora = Lora(metadata=dict(ckpt.metadata))
-    for module, p in parts.items():
+    for module, p in _grouped(ckpt, keys).items():
         if "up" in p or "down" in p:
             if "up" not in p or "down" not in p:
                 raise SftoolsError(f"{ckpt.path}: LoRA module {module} has only one of its two factors")
@@ -108,15 +106,33 @@ def _read_original(ckpt: Checkpoint) -> Lora:
                 if alpha.numel() != 1 or not torch.isfinite(alpha).all():
                     raise SftoolsError(f"{ckpt.path}: LoRA module {module} has an alpha that is not one finite number")
                 up = up * (float(alpha) / down.shape[0])
-            lora.factors[_check(ckpt.path, module + ".weight")] = (up, down)
+            lora.factors[_check(ckpt.path, target_param(module, "up"))] = (up, down)
         elif "alpha" in p:
             raise SftoolsError(f"{ckpt.path}: LoRA module {module} has an alpha but no factors")
-        if "diff" in p:
-            lora.diffs[_check(ckpt.path, _param_for_diff(module))] = p["diff"].float()
-        if "diff_b" in p:
-            lora.diffs[_check(ckpt.path, module + ".bias")] = p["diff_b"].float()
-        if "diff_m" in p:
-            lora.diffs[_check(ckpt.path, module + ".modulation")] = p["diff_m"].float()
+        for part in ("diff", "diff_b", "diff_m"):
+            if part in p:
+                lora.diffs[_check(ckpt.path, target_param(module, part))] = p[part].float()
+    return lora
+
+
+def _read_diffusers(ckpt: Checkpoint, keys) -> Lora:
+    config = _adapter_config(ckpt.path, ckpt.metadata)
+    lora = Lora(metadata=dict(ckpt.metadata))
+    for module, p in _grouped(ckpt, keys).items():
+        if set(p) - {"up", "down", "diff_b"}:
+            raise SftoolsError(f"{ckpt.path}: LoRA module {module} has keys a diffusers LoRA cannot have")
+        original = diffusers_name_to_original(module + ".weight")
+        if original is None:
+            raise SftoolsError(f"{ckpt.path}: LoRA module {module} has no original Wan name")
+        scale = 1.0  # without an adapter config diffusers takes alpha = rank
+        if "r" in config:
+            r = config.get("rank_pattern", {}).get(module, config["r"])
+            scale = config.get("alpha_pattern", {}).get(module, config.get("lora_alpha", r)) / r
+        if "up" in p and "down" in p:
+            up, down = _factors(ckpt.path, module, p["up"], p["down"])
+            lora.factors[original] = (up * scale, down)
+        if "diff_b" in p:  # peft scales lora_B's output, bias included
+            lora.diffs[original.removesuffix(".weight") + ".bias"] = p["diff_b"].float() * scale
     return lora
 
 
@@ -126,6 +142,12 @@ def _factors(path: str, module: str, up: torch.Tensor, down: torch.Tensor) -> tu
         raise SftoolsError(f"{path}: LoRA module {module} has factors {list(up.shape)} and {list(down.shape)}, "
                            "which do not multiply")
     return up.float(), down.float()
+
+
+def _check(path: str, param: str) -> str:
+    if not ORIGINAL_KEY.match(param):
+        raise SftoolsError(f"{path}: LoRA targets {param}, which is not a Wan 2.1 parameter")
+    return param
 
 
 def _adapter_config(path: str, metadata: dict[str, str]) -> dict:
@@ -144,52 +166,6 @@ def _adapter_config(path: str, metadata: dict[str, str]) -> dict:
     return config
 
 
-def _split(path: str, name: str) -> tuple[str, str]:
-    for suffix, kind in _SUFFIXES:
-        if name.endswith(suffix):
-            module = name[: -len(suffix)]
-            break
-    else:
-        raise SftoolsError(f"{path}: key {name} is not a LoRA key (no lora_up/lora_down/diff/alpha suffix)")
-    if module.startswith("lora_unet_"):
-        return kohya_module(module[len("lora_unet_"):]), kind
-    for prefix in ("model.diffusion_model.", "diffusion_model."):
-        if module.startswith(prefix):
-            return module[len(prefix):], kind
-    return module, kind
-
-
-def _check(path: str, param: str) -> str:
-    if not ORIGINAL_KEY.match(param):
-        raise SftoolsError(f"{path}: LoRA targets {param}, which is not a Wan 2.1 parameter")
-    return param
-
-
-def _read_diffusers(ckpt: Checkpoint) -> Lora:
-    config = _adapter_config(ckpt.path, ckpt.metadata)
-    lora = Lora(metadata=dict(ckpt.metadata))
-    parts: dict[str, dict[str, torch.Tensor]] = {}
-    for name, lazy in ckpt.tensors.items():
-        m = re.match(r"^transformer\.(.+)\.(lora_A\.weight|lora_B\.weight|lora_B\.bias)$", name)
-        if not m:
-            raise SftoolsError(f"{ckpt.path}: key {name} is not a diffusers LoRA key")
-        parts.setdefault(m.group(1), {})[m.group(2)] = lazy.load()
-    for module, p in parts.items():
-        original = diffusers_name_to_original(module + ".weight")
-        if original is None:
-            raise SftoolsError(f"{ckpt.path}: LoRA module {module} has no original Wan name")
-        scale = 1.0  # without an adapter config diffusers takes alpha = rank
-        if "r" in config:
-            r = config.get("rank_pattern", {}).get(module, config["r"])
-            scale = config.get("alpha_pattern", {}).get(module, config.get("lora_alpha", r)) / r
-        if "lora_A.weight" in p and "lora_B.weight" in p:
-            up, down = _factors(ckpt.path, module, p["lora_B.weight"], p["lora_A.weight"])
-            lora.factors[original] = (up * scale, down)
-        if "lora_B.bias" in p:  # peft scales lora_B's output, bias included
-            lora.diffs[original[: -len(".weight")] + ".bias"] = p["lora_B.bias"].float() * scale
-    return lora
-
-
 def lora_tensors(lora: Lora, form: str) -> tuple[dict[str, torch.Tensor], dict[str, str], list[str]]:
     """The file's tensors, extra metadata, and the parameters this form cannot carry."""
     if form == "comfyui":
@@ -202,16 +178,10 @@ def lora_tensors(lora: Lora, form: str) -> tuple[dict[str, torch.Tensor], dict[s
 def _comfyui_tensors(lora: Lora) -> dict[str, torch.Tensor]:
     out = {}
     for param, (up, down) in lora.factors.items():
-        module = param[: -len(".weight")]
-        out[f"diffusion_model.{module}.lora_up.weight"] = up
-        out[f"diffusion_model.{module}.lora_down.weight"] = down
+        out[comfyui_key(param, "up")] = up
+        out[comfyui_key(param, "down")] = down
     for param, diff in lora.diffs.items():
-        if param.endswith(".weight"):
-            out[f"diffusion_model.{param[: -len('.weight')]}.diff"] = diff
-        elif param.endswith(".bias"):
-            out[f"diffusion_model.{param[: -len('.bias')]}.diff_b"] = diff
-        else:
-            out[f"diffusion_model.{param}.diff"] = diff
+        out[comfyui_key(param, "diff")] = diff
     return out
 
 
@@ -219,14 +189,14 @@ def _diffusers_tensors(lora: Lora) -> tuple[dict[str, torch.Tensor], dict[str, s
     names = original_to_diffusers(lora.params)
     out, ranks, dropped = {}, {}, []
     for param, (up, down) in lora.factors.items():
-        module = names[param][: -len(".weight")]
-        out[f"transformer.{module}.lora_A.weight"] = down
-        out[f"transformer.{module}.lora_B.weight"] = up
+        module = names[param].removesuffix(".weight")
+        out[diffusers_key(module, "down")] = down
+        out[diffusers_key(module, "up")] = up
         ranks[module] = down.shape[0]
     for param, diff in lora.diffs.items():
-        weight = param[: -len(".bias")] + ".weight" if param.endswith(".bias") else None
+        weight = param.removesuffix(".bias") + ".weight" if param.endswith(".bias") else None
         if weight in lora.factors:
-            out[f"transformer.{names[weight][: -len('.weight')]}.lora_B.bias"] = diff
+            out[diffusers_key(names[weight].removesuffix(".weight"), "diff_b")] = diff
         else:
             dropped.append(param)
     if not ranks:
@@ -253,7 +223,7 @@ def diffusers_problems(lora: Lora) -> list[str]:
     if any(p.startswith("vace_blocks.") for p in params):
         problems.append("it targets vace_blocks, which the converter has no mapping for")
     for p in params:
-        if p.endswith(".bias") and p[: -len(".bias")] + ".weight" not in lora.factors \
+        if p.endswith(".bias") and p.removesuffix(".bias") + ".weight" not in lora.factors \
                 and re.match(r"^(text_embedding|time_embedding)\.", p):
             problems.append(f"{p} changes without factors for its weight, which the converter requires")
     return problems
@@ -262,6 +232,14 @@ def diffusers_problems(lora: Lora) -> list[str]:
 def write_lora(path: str, lora: Lora, form: str, dtype: torch.dtype, metadata: dict[str, str]) -> list[str]:
     """Write atomically in `form`; returns the parameters the form could not carry."""
     tensors, extra, dropped = lora_tensors(lora, form)
-    planned = [PlannedTensor(k, dtype, tuple(v.shape), lambda v=v: v.to(dtype).contiguous()) for k, v in tensors.items()]
-    write_file(path, planned, {"format": "pt", **metadata, **extra}, desc="writing LoRA")
+    lazy = {k: LazyTensor.of(v).map(lambda t: t.to(dtype).contiguous(), dtype) for k, v in tensors.items()}
+    write_file(path, lazy, {"format": "pt", **metadata, **extra}, desc="writing LoRA")
     return dropped
+
+
+def convert_lora(src: str, out: str, form: str, dtype: str = "keep") -> list[str]:
+    """Re-write any readable LoRA form as `form`; returns the parameters the form could not carry."""
+    check_output_file(out, [src])
+    lora = read_lora_file(src)
+    check_output_file(out, lora.files)
+    return write_lora(out, lora, form, torch_dtype(dtype) or lora.dtype, {"sftools.converted_from": src})

@@ -1,4 +1,4 @@
-"""What a set of weights is: Wan model kind and size, VACE module, or LoRA, from names and shapes.
+"""What a set of weights is: Wan model kind and size, or VACE module, from names and shapes.
 
 The rules follow ComfyUI's `detect_unet_config` and diffusers' single-file detection: `head.modulation`
 marks a Wan transformer, `vace_patch_embedding` a VACE model, `img_emb` an image-conditioned one; the
@@ -11,9 +11,8 @@ import re
 from dataclasses import asdict, dataclass, field
 
 from sftools.wan.config import WanConfig, model_shapes, vace_shapes
-from sftools.wan.layouts import detect_layout, diffusers_to_original
+from sftools.wan.keys import detect_layout, diffusers_to_original
 
-LORA_MARKERS = re.compile(r"(\.lora_(?:up|down|A|B)(?:\.|$)|\.diff(?:_b|_m)?$|\.alpha$|^lora_unet_)")
 SIZES = {(1536, 30): "1.3B", (5120, 40): "14B"}
 BASE_LAYERS = {1536: 30, 5120: 40}
 
@@ -37,11 +36,9 @@ class Description:
         return out
 
 
-def describe(shapes: dict[str, tuple[int, ...]], num_heads: int | None = None) -> Description:
-    """Describe weights given by clean (unwrapped) names and shapes."""
+def describe_weights(shapes: dict[str, tuple[int, ...]], num_heads: int | None = None) -> Description:
+    """Describe model weights given by clean (unwrapped) names and shapes."""
     names = list(shapes)
-    if any(LORA_MARKERS.search(n) for n in names):
-        return describe_lora(shapes)
     layout = detect_layout(names)
     if layout == "diffusers":
         mapping, _ = diffusers_to_original(names)
@@ -102,30 +99,3 @@ def infer_config(shapes: dict[str, tuple[int, ...]], num_heads: int | None = Non
 def _count(shapes, group: str) -> int:
     idx = {int(m.group(1)) for n in shapes if (m := re.match(rf"^{group}\.(\d+)\.", n))}
     return max(idx) + 1 if idx else 0
-
-
-def describe_lora(shapes: dict[str, tuple[int, ...]]) -> Description:
-    names = list(shapes)
-    if any(n.startswith("lora_unet_") for n in names):
-        form = "kohya"
-    elif all(n.startswith("diffusion_model.") for n in names):
-        form = "lightx2v" if any(n.endswith(".diff_m") for n in names) else "comfyui"
-    elif all(n.startswith("transformer.") for n in names):
-        form = "diffusers"
-    else:
-        form = "unknown"
-    downs = {n: s for n, s in shapes.items() if re.search(r"\.(lora_down|lora_A)\.weight$", n)}
-    ranks = sorted({s[0] for s in downs.values()})
-    suffix = re.compile(r"\.(lora_(?:up|down|A|B)\.(?:weight|bias)|alpha|diff_b|diff_m|diff)$")
-    prefix = re.compile(r"^(?:diffusion_model\.|transformer\.|lora_unet_)")
-    targets = sorted({re.sub(r"(^|[._])\d+(?=[._])", r"\1N", prefix.sub("", suffix.sub("", n))) for n in names})
-    details = {
-        "form": form,
-        "targets": targets,
-        "rank": ranks[-1] if len(ranks) == 1 else (f"{ranks[0]}-{ranks[-1]}" if ranks else 0),
-        "lora_modules": len(downs),
-        "full_diffs": sum(1 for n in names if re.search(r"\.diff(_b|_m)?$", n)),
-        "alpha_keys": sum(1 for n in names if n.endswith(".alpha")),
-    }
-    return Description("lora", form, "", None, details)
-

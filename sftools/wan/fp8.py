@@ -34,12 +34,12 @@ def dequantize(ckpt: Checkpoint) -> Checkpoint:
             continue
         tensors[name] = _scaled(name, t, scales.get(name)) if t.dtype in FP8 else t
     notes = [f"dequantized {sum(t.dtype in FP8 for t in ckpt.tensors.values())} fp8 tensors ({len(scales)} scaled)"]
-    return Checkpoint(ckpt.path, ckpt.format, tensors, dict(ckpt.metadata), ckpt.notes + notes)
+    return ckpt.replace(tensors, notes)
 
 
 def _scaled(name: str, weight: LazyTensor, scale: LazyTensor | None) -> LazyTensor:
-    def load() -> torch.Tensor:
-        w = weight.load().float()
+    def times_scale(w: torch.Tensor) -> torch.Tensor:
+        w = w.float()
         if scale is None:
             return w
         s = scale.load().float()
@@ -49,4 +49,4 @@ def _scaled(name: str, weight: LazyTensor, scale: LazyTensor | None) -> LazyTens
             raise SftoolsError(f"{name}: fp8 scale has {s.numel()} values for a weight of shape {list(w.shape)}")
         return w * s
 
-    return LazyTensor(torch.float32, weight.shape, load, storage=weight.storage)
+    return weight.map(times_scale, torch.float32)

@@ -15,7 +15,7 @@ import torch
 from safetensors.torch import save_file
 
 from sftools.wan.config import TINY, WanConfig, diffusers_config, model_shapes
-from sftools.wan.layouts import original_to_diffusers
+from sftools.wan.keys import original_to_diffusers
 
 LAYOUTS = ("original", "comfyui", "diffusers", "self-forcing")
 
