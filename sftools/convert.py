@@ -36,11 +36,11 @@ def convert_model(
     """Convert `src` to `dst` and return a report; the output is read back and compared before it
     is renamed into place."""
     to_folder = is_folder_destination(dst, layout, max_shard_bytes is not None)
+    refuse_overwrite(dst, [src], is_dir=to_folder)
     if max_shard_bytes and not to_folder:
         raise SftoolsError(f"{dst}: --max-shard-size needs a folder as the destination")
     if not to_folder:
         check_output_file(dst, [src])
-    refuse_overwrite(dst, [src], is_dir=to_folder)
     ckpt = load_model(src, select, layout)
     refuse_lora(src, ckpt.tensors)
     refuse_overwrite(dst, ckpt.files, is_dir=to_folder)

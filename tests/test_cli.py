@@ -29,6 +29,9 @@ def test_demo_runs_the_chain_and_says_what_each_step_did(tmp_path):
     for step in ("1. wrote", "2. scan: torch-zip, safe", "3. convert", "4. convert --layout diffusers", "5. inspect",
                  "6. lora extract", "7. lora merge"):
         assert step in r.stdout
+    commands = [line.strip()[2:] for line in r.stdout.splitlines() if line.strip().startswith("$ sftools ")]
+    assert [c.split()[1] for c in commands] == ["scan", "convert", "convert", "inspect", "lora", "lora"]
+    assert f"sftools lora extract {tmp_path}/Wan2.1-T2V-tiny-Diffusers {tmp_path}/self_forcing_dmd.pt" in r.stdout
     assert (tmp_path / "sf.safetensors").exists() and (tmp_path / "sf-diffusers" / "config.json").exists()
     assert (tmp_path / "sf_lora_rank8.safetensors").exists() and (tmp_path / "base_plus_lora.safetensors").exists()
 
@@ -86,3 +89,110 @@ def test_a_lora_with_mismatched_factor_ranks_is_refused_in_one_line(sf_pt, tmp_p
     r = sftools("lora", "merge", sf_pt, str(tmp_path / "bad.safetensors"), "-o", str(tmp_path / "o.safetensors"))
     assert r.returncode == 1 and r.stderr.count("\n") == 1 and "factors [64, 4] and [2, 32], which do not multiply" in r.stderr
     assert not (tmp_path / "o.safetensors").exists()
+
+
+def test_scan_refusals_are_also_one_line_on_stderr(tmp_path):
+    bad = tmp_path / "evil.pt"
+    import pickle
+
+    bad.write_bytes(pickle.dumps(os.system, protocol=2))  # a global reference to os.system
+    r = sftools("scan", str(bad))
+    assert r.returncode == 1 and "REFUSED" in r.stdout
+    assert r.stderr.count("\n") == 1 and r.stderr.startswith(f"sftools: error: {bad}: refused:")
+
+
+HELP_PROBE = """
+import sys
+sys.argv = ["sftools", *sys.argv[1:]]
+from sftools.cli.main import main
+try:
+    main()
+except SystemExit:
+    pass
+print("TORCH-IMPORTED" if "torch" in sys.modules else "NO-TORCH")
+"""
+
+
+@pytest.mark.parametrize("args", [["--help"], ["lora", "--help"], ["lora", "extract", "--help"], ["convert", "--help"],
+                                  ["convert"], ["lora", "merge", "x"], ["bogus"]])
+def test_help_and_usage_errors_answer_without_importing_torch(args):
+    r = subprocess.run([sys.executable, "-c", HELP_PROBE, *args], capture_output=True, text=True, timeout=60)
+    assert r.stdout.strip().endswith("NO-TORCH"), r.stdout + r.stderr
+
+
+def test_every_option_is_explained_and_command_lists_are_not_cut():
+    import click
+
+    from sftools.cli.main import cli
+
+    def walk(command, path):
+        yield path, command
+        for name, sub in getattr(command, "commands", {}).items():
+            yield from walk(sub, path + [name])
+
+    for path, command in walk(cli, []):
+        assert command.help, path
+        for param in command.params:
+            if isinstance(param, click.Option) and param.name not in ("help", "version"):
+                assert param.help, (path, param.name)
+        if isinstance(command, click.Group):
+            listing = sftools(*path, "--help").stdout
+            assert "..." not in listing.split("Commands:")[1], listing
+
+
+def test_lora_commands_take_keep_and_json_and_say_when_nothing_was_resized(sf_pt, tmp_path):
+    base = write_checkpoint(str(tmp_path / "base.safetensors"), random_state_dict(TINY, seed=3), "original")
+    lora = str(tmp_path / "l.safetensors")
+    r = sftools("lora", "extract", base, sf_pt, "-o", lora, "--rank", "4", "--dtype", "keep", "--json")
+    assert r.returncode == 0, r.stderr
+    report = json.loads(r.stdout)
+    assert report["dtype"] == "fp32" and report["settings"]["rank"]["rank"] == 4 and report["layers"]
+    from safetensors import safe_open
+
+    with safe_open(lora, "pt") as f:
+        assert {f.get_slice(k).get_dtype() for k in f.keys()} == {"F32"}  # the Self Forcing .pt is fp32
+    kept = sftools("lora", "resize", lora, "-o", str(tmp_path / "r.safetensors"), "--rank", "16")
+    assert kept.returncode == 0 and "0 modules resized, 26 kept at their rank" in kept.stdout
+    conv = sftools("lora", "convert", lora, "-o", str(tmp_path / "d.safetensors"), "--format", "diffusers", "--json")
+    assert conv.returncode == 0 and json.loads(conv.stdout)["format"] == "diffusers"
+
+
+def test_inspect_shows_the_metadata_sftools_wrote_without_empty_values(sf_pt, tmp_path):
+    base = write_checkpoint(str(tmp_path / "base.safetensors"), random_state_dict(TINY, seed=3), "original")
+    lora = str(tmp_path / "l.safetensors")
+    assert sftools("lora", "extract", base, sf_pt, "-o", lora, "--rank", "4").returncode == 0
+    info = json.loads(sftools("inspect", lora, "--json").stdout)["sftools_metadata"]
+    assert info["sftools.lora.rank_mode"] == "fixed" and len(info["sftools.lora.tuned_fingerprint"]) == 8
+    assert "sftools.lora.energy" not in info and all(info.values())
+    text = sftools("inspect", lora).stdout
+    assert "sftools.lora.rank_mode: fixed" in text and "sftools.lora.base_fingerprint:" in text
+    merged = str(tmp_path / "m.safetensors")
+    assert sftools("lora", "merge", base, lora + ":0.5", "-o", merged).returncode == 0
+    assert "sftools.merged: l.safetensors:0.5" in sftools("inspect", merged).stdout
+
+
+def test_long_work_shows_a_bar_on_a_terminal_for_writing_and_verifying(sf_pt, tmp_path):
+    import fcntl
+    import pty
+    import struct
+    import termios
+
+    main, child = pty.openpty()
+    fcntl.ioctl(child, termios.TIOCSWINSZ, struct.pack("HHHH", 24, 120, 0, 0))  # a terminal of known size
+    proc = subprocess.Popen([sys.executable, "-m", "sftools", "convert", sf_pt, str(tmp_path / "o.safetensors")],
+                            stdout=subprocess.PIPE, stderr=child, text=True)
+    os.close(child)
+    seen = b""
+    while True:
+        try:
+            chunk = os.read(main, 4096)
+        except OSError:  # the child closed the terminal
+            break
+        if not chunk:
+            break
+        seen += chunk
+    proc.wait(timeout=120)
+    os.close(main)
+    assert proc.returncode == 0
+    text = seen.decode(errors="replace")
+    assert "converting:   0%|" in text and "verifying:   0%|" in text, text

@@ -7,7 +7,12 @@ raises `SftoolsError` and leaves nothing behind, and that the sentinel never app
 run the same payloads through `pickle.loads` or `torch.load(weights_only=False)` and show the
 sentinel does appear there, so the sentinel check is able to fail.
 
-Cases follow the threat model in /work/shared/reference/safe_conversion.md (sections 1, 5 and 6).
+Cases follow the threat model of the project's reference notes (`../shared/reference/safe_conversion.md`,
+sections 1, 5 and 6, beside this repository), which restate public sources: torch's own loader
+(`torch/serialization.py`, `torch/_weights_only_unpickler.py`), the picklescan and fickling advisories
+(CVE-2025-1716, CVE-2025-1889, CVE-2025-1944, CVE-2025-1945, CVE-2025-10155/10156/10157,
+GHSA-9gvj-pp9x-gcfr, GHSA-5j3x-jp52-966f), ReversingLabs' nullifAI write-up (Feb 2025) and
+CVE-2026-24747 (record sizes that disagree with their storage).
 """
 
 from __future__ import annotations

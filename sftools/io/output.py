@@ -73,9 +73,9 @@ def check_destination(dst: str) -> None:
 def check_output_file(output: str, inputs: Iterable[str] = ()) -> None:
     """Everything a safetensors output file must pass before any work: its name, its folder, and
     not being one of `inputs`."""
+    refuse_overwrite(output, inputs)
     check_destination(output)
     check_file_name(output)
-    refuse_overwrite(output, inputs)
 
 
 def _temp_stem(dst: str) -> str:
