@@ -1,0 +1,204 @@
+"""The causal Wan transformer: diffusers' `WanTransformer3DModel` generating block by block.
+
+Nothing of diffusers' model is copied. Three extensions, the ways diffusers extends itself:
+- `CausalSelfAttnProcessor` on every block's `attn1`: the same projections, q/k RMS norm and RoPE as
+  diffusers' `WanAttnProcessor`, then the block's K/V go into the layer's `LayerCache` and the
+  queries attend to the stored history plus the block itself (no mask inside the block);
+- `CachedCrossAttnProcessor` on every `attn2`: the text K/V are computed once per video and branch;
+- `RopeOffsetHook` (a diffusers `ModelHook`) on `rope`: the block's frames get their ABSOLUTE
+  temporal positions, `start_frame` onwards, instead of 0 onwards.
+
+Per-frame timesteps come from diffusers itself: a timestep of shape [B, tokens] selects its
+per-token modulation path (written for Wan 2.2 TI2V), so a call whose frames sit at different
+noise levels (training's teacher forcing) needs nothing extra. Outside a causal call (`state.active`
+False: the teacher, the critic, a bidirectional model) every processor defers to diffusers' own.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from dataclasses import dataclass, field
+from typing import Iterator
+
+import torch
+from diffusers import WanTransformer3DModel
+from diffusers.hooks import HookRegistry, ModelHook
+from diffusers.models.attention_dispatch import dispatch_attention_fn
+from diffusers.models.transformers.transformer_wan import WanAttnProcessor
+
+from sftools.errors import SftoolsError
+from sftools.models.kv_cache import CacheSpec, LayerCache
+
+ROPE_HOOK = "sftools_rope_offset"
+
+
+@dataclass
+class CausalState:
+    """What the processors of one model share: the cache layout, the caches per branch, and the
+    block the current call denoises."""
+
+    num_layers: int
+    spec: CacheSpec | None = None
+    active: bool = False
+    start_frame: int = 0
+    branch: str = "cond"
+    self_kv: dict[str, list[LayerCache]] = field(default_factory=dict)
+    cross_kv: dict[str, list[tuple[torch.Tensor, torch.Tensor] | None]] = field(default_factory=dict)
+
+    def layer(self, index: int) -> LayerCache:
+        if self.branch not in self.self_kv:
+            self.self_kv[self.branch] = [LayerCache(self.spec) for _ in range(self.num_layers)]
+        return self.self_kv[self.branch][index]
+
+    def cross_slots(self) -> list:
+        return self.cross_kv.setdefault(self.branch, [None] * self.num_layers)
+
+
+def _heads(x: torch.Tensor, heads: int) -> torch.Tensor:
+    return x.unflatten(2, (heads, -1))
+
+
+def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """Rotate adjacent channel pairs, as diffusers' `WanAttnProcessor` does ([B, S, H, D])."""
+    x1, x2 = x.unflatten(-1, (-1, 2)).unbind(-1)
+    cos, sin = cos[..., 0::2], sin[..., 1::2]
+    out = torch.empty_like(x)
+    out[..., 0::2] = x1 * cos - x2 * sin
+    out[..., 1::2] = x1 * sin + x2 * cos
+    return out.type_as(x)
+
+
+class CausalSelfAttnProcessor:
+    """Self-attention of one block over its layer's KV cache (see `kv_cache`)."""
+
+    _attention_backend = None  # diffusers' dispatch picks SDPA (flash kernels on GPU) unless set
+    _parallel_config = None
+
+    def __init__(self, state: CausalState, layer: int) -> None:
+        self.state, self.index = state, layer
+        self.default = WanAttnProcessor()
+
+    def __call__(self, attn, hidden_states, encoder_hidden_states=None, attention_mask=None, rotary_emb=None):
+        if not self.state.active:
+            return self.default(attn, hidden_states, encoder_hidden_states, attention_mask, rotary_emb)
+        query = _heads(attn.norm_q(attn.to_q(hidden_states)), attn.heads)
+        key = _heads(attn.norm_k(attn.to_k(hidden_states)), attn.heads)
+        value = _heads(attn.to_v(hidden_states), attn.heads)
+        query, key = apply_rope(query, *rotary_emb), apply_rope(key, *rotary_emb)
+        start = self.state.start_frame * self.state.spec.frame_tokens
+        keys, values = self.state.layer(self.index).update(key, value, start)
+        out = dispatch_attention_fn(query, keys, values, attn_mask=None, dropout_p=0.0, is_causal=False,
+                                    backend=self._attention_backend)
+        out = out.flatten(2, 3).type_as(query)
+        return attn.to_out[1](attn.to_out[0](out))
+
+
+class CachedCrossAttnProcessor:
+    """Cross-attention whose text K/V are computed on the first call of a video and branch.
+    Image-conditioned (I2V) layers and calls under autograd (gradient checkpointing recomputes
+    the forward, which must not find a cache filled in between) use diffusers' processor."""
+
+    _attention_backend = None
+    _parallel_config = None
+
+    def __init__(self, state: CausalState, layer: int) -> None:
+        self.state, self.index = state, layer
+        self.default = WanAttnProcessor()
+
+    def __call__(self, attn, hidden_states, encoder_hidden_states=None, attention_mask=None, rotary_emb=None):
+        if not self.state.active or attn.add_k_proj is not None or torch.is_grad_enabled():
+            return self.default(attn, hidden_states, encoder_hidden_states, attention_mask, rotary_emb)
+        slots = self.state.cross_slots()
+        if slots[self.index] is None:
+            key = _heads(attn.norm_k(attn.to_k(encoder_hidden_states)), attn.heads)
+            slots[self.index] = (key, _heads(attn.to_v(encoder_hidden_states), attn.heads))
+        key, value = slots[self.index]
+        query = _heads(attn.norm_q(attn.to_q(hidden_states)), attn.heads)
+        out = dispatch_attention_fn(query, key, value, attn_mask=None, dropout_p=0.0, is_causal=False,
+                                    backend=self._attention_backend)
+        out = out.flatten(2, 3).type_as(query)
+        return attn.to_out[1](attn.to_out[0](out))
+
+
+class RopeOffsetHook(ModelHook):
+    """Positions of a causal call start at the block's absolute frame; others at 0 as in diffusers."""
+
+    def __init__(self, state: CausalState) -> None:
+        super().__init__()
+        self.state = state
+
+    def new_forward(self, rope, hidden_states: torch.Tensor):
+        offset = self.state.start_frame if self.state.active else 0
+        _, _, frames, height, width = hidden_states.shape
+        p_t, p_h, p_w = rope.patch_size
+        f, h, w = frames // p_t, height // p_h, width // p_w
+        if offset + f > rope.max_seq_len:
+            raise SftoolsError(f"latent frame {offset + f - 1} is past the model's RoPE table "
+                               f"({rope.max_seq_len} frames); generate fewer frames")
+        sizes = [rope.t_dim, rope.h_dim, rope.w_dim]
+        tables = []
+        for freqs in (rope.freqs_cos, rope.freqs_sin):
+            t_part, h_part, w_part = freqs.split(sizes, dim=1)
+            grid = torch.cat([t_part[offset:offset + f].view(f, 1, 1, -1).expand(f, h, w, -1),
+                              h_part[:h].view(1, h, 1, -1).expand(f, h, w, -1),
+                              w_part[:w].view(1, 1, w, -1).expand(f, h, w, -1)], dim=-1)
+            tables.append(grid.reshape(1, f * h * w, 1, -1))
+        return tuple(tables)
+
+
+class CausalWanModel(torch.nn.Module):
+    """A diffusers Wan transformer that generates block by block with a KV cache.
+
+    `forward(latents, timestep, context, start_frame, branch)` denoises the frames of one block,
+    [B, C, frames, H, W], starting at latent frame `start_frame`, and returns the model's flow
+    prediction for them. `reset(spec)` starts a new video. `bidirectional()` runs plain diffusers.
+    """
+
+    def __init__(self, transformer: WanTransformer3DModel) -> None:
+        super().__init__()
+        self.transformer = transformer
+        self.state = CausalState(num_layers=len(transformer.blocks))
+        for index, block in enumerate(transformer.blocks):
+            block.attn1.set_processor(CausalSelfAttnProcessor(self.state, index))
+            block.attn2.set_processor(CachedCrossAttnProcessor(self.state, index))
+        HookRegistry.check_if_exists_or_initialize(transformer.rope).register_hook(RopeOffsetHook(self.state), ROPE_HOOK)
+
+    def reset(self, spec: CacheSpec) -> None:
+        """A new video: empty caches of this layout, for every branch."""
+        self.state.spec = spec
+        self.state.self_kv.clear()
+        self.state.cross_kv.clear()
+
+    @contextlib.contextmanager
+    def _causal_call(self, start_frame: int, branch: str) -> Iterator[None]:
+        if self.state.spec is None:
+            raise RuntimeError("call reset(spec) before the first block of a video")
+        self.state.active, self.state.start_frame, self.state.branch = True, start_frame, branch
+        try:
+            yield
+        finally:
+            self.state.active, self.state.start_frame = False, 0
+
+    def forward(self, latents: torch.Tensor, timestep: torch.Tensor, context: torch.Tensor,
+                start_frame: int, branch: str = "cond") -> torch.Tensor:
+        """`timestep` is [B] (every frame of the block at one noise level) or [B, frames]."""
+        timestep = self.per_token(timestep, latents)
+        with self._causal_call(start_frame, branch):
+            return self.transformer(hidden_states=latents, timestep=timestep, encoder_hidden_states=context,
+                                    return_dict=False)[0]
+
+    def bidirectional(self, latents: torch.Tensor, timestep: torch.Tensor, context: torch.Tensor) -> torch.Tensor:
+        """diffusers' own forward over all the frames given (the teacher's and the critic's view)."""
+        return self.transformer(hidden_states=latents, timestep=self.per_token(timestep, latents),
+                                encoder_hidden_states=context, return_dict=False)[0]
+
+    def per_token(self, timestep: torch.Tensor, latents: torch.Tensor) -> torch.Tensor:
+        """[B, frames] timesteps spread over each frame's tokens (diffusers' per-token path)."""
+        if timestep.dim() == 1:
+            return timestep
+        _, _, frames, height, width = latents.shape
+        _, p_h, p_w = self.transformer.config.patch_size
+        tokens = (height // p_h) * (width // p_w)
+        if timestep.shape[1] != frames:
+            raise ValueError(f"timestep has {timestep.shape[1]} frames, the latents {frames}")
+        return timestep.repeat_interleave(tokens, dim=1)

@@ -1,0 +1,110 @@
+"""Self Forcing's few-step sampler, block by block over a KV cache.
+
+Per block of `frames_per_block` latent frames (guandeh17/Self-Forcing @ 33593df,
+`pipeline/causal_inference.py`): start from the block's noise; at each step the model predicts the
+flow, x0 = x_t - sigma_t * flow (in float64, as upstream), and but for the last step x0 is
+re-noised to the next step's sigma with a fresh draw; the last x0 is the block's output. Then one
+more call on that x0 at t = 0 overwrites the block's K/V with clean ones (the refresh), and the next
+block starts. With `frames_per_block` None the whole video is one block: the same loop samples
+bidirectional models (lightx2v) as ComfyUI's `lcm` sampler does. With cfg > 1 the unconditional
+branch keeps its own cache and is refreshed too.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+from typing import Callable, Protocol
+
+import torch
+
+from sftools.models.causal_wan import CausalWanModel
+from sftools.models.kv_cache import CacheSpec
+from sftools.sampling.schedules import Step, few_step_schedule
+from sftools.sampling.settings import SampleSettings
+from sftools.wan.config import WanConfig
+
+TEXT_LEN = 512  # umT5 context rows; Wan attends over all of them, padding included
+
+
+class Noise(Protocol):
+    def initial(self, start: int, frames: int) -> torch.Tensor: ...
+    def renoise(self, step: int, start: int, frames: int) -> torch.Tensor: ...
+
+
+@dataclass
+class BlockDone:
+    index: int
+    start: int  # first latent frame
+    latents: torch.Tensor  # [1, C, frames, h, w], the block's final x0
+    seconds: float
+
+
+def pad_context(embeds: torch.Tensor) -> torch.Tensor:
+    """Zero rows up to 512, as umT5 pipelines pass them (the padded rows still matter: text_embedding
+    of zero is its bias, and cross-attention has no mask)."""
+    if embeds.shape[1] > TEXT_LEN:
+        raise ValueError(f"prompt embeddings have {embeds.shape[1]} rows, more than {TEXT_LEN}")
+    return torch.nn.functional.pad(embeds, (0, 0, 0, TEXT_LEN - embeds.shape[1]))
+
+
+def cache_spec(settings: SampleSettings) -> CacheSpec:
+    """The cache one video needs: the window when rolling, else every frame (up to --cache-frames)."""
+    if settings.local_attn_frames is not None:
+        return CacheSpec(frame_tokens=settings.frame_tokens, capacity_frames=settings.local_attn_frames,
+                         rolling=True, sink_frames=settings.sink_frames)
+    capacity = settings.latent_frames if settings.cache_frames is None else settings.cache_frames
+    return CacheSpec(frame_tokens=settings.frame_tokens, capacity_frames=capacity)
+
+
+def blocks(settings: SampleSettings) -> list[tuple[int, int]]:
+    """(start, frames) of every block; a last block may be shorter."""
+    size = settings.frames_per_block or settings.latent_frames
+    return [(s, min(size, settings.latent_frames - s)) for s in range(0, settings.latent_frames, size)]
+
+
+class CausalSampler:
+    def __init__(self, model: CausalWanModel, config: WanConfig, settings: SampleSettings) -> None:
+        self.model, self.config, self.settings = model, config, settings
+        self.schedule: list[Step] = few_step_schedule(settings.steps, settings.shift, settings.warp)
+
+    def _flow(self, x: torch.Tensor, t: float, start: int, context: torch.Tensor,
+              negative: torch.Tensor | None) -> torch.Tensor:
+        timestep = torch.full((x.shape[0],), t, device=x.device, dtype=torch.float32)
+        cond = self.model(x, timestep, context, start, "cond")
+        if negative is None:
+            return cond
+        uncond = self.model(x, timestep, negative, start, "uncond")
+        return uncond + self.settings.cfg * (cond - uncond)
+
+    @torch.no_grad()
+    def sample(self, context: torch.Tensor, noise: Noise, negative: torch.Tensor | None = None,
+               on_block: Callable[[BlockDone], None] | None = None) -> torch.Tensor:
+        """The final latents [1, C, T, h, w]. `context` / `negative` are [1, tokens, text_dim]
+        prompt embeddings (padded here); `negative` is used only with cfg > 1."""
+        s = self.settings
+        param = next(self.model.parameters())
+        device, dtype = param.device, param.dtype
+        context = pad_context(context).to(device, dtype)
+        negative = pad_context(negative).to(device, dtype) if negative is not None and s.cfg != 1 else None
+        if s.cfg != 1 and negative is None:
+            raise ValueError("cfg != 1 needs negative prompt embeddings")
+        self.model.reset(cache_spec(s))
+        h, w = s.latent_size
+        out = torch.empty(1, self.config.out_dim, s.latent_frames, h, w, device=device, dtype=dtype)
+        plan = blocks(s)
+        for index, (start, frames) in enumerate(plan):
+            began = time.perf_counter()
+            x = noise.initial(start, frames).to(device, dtype)
+            for i, step in enumerate(self.schedule):
+                flow = self._flow(x, step.timestep, start, context, negative)
+                x0 = (x.double() - step.sigma * flow.double()).to(dtype)
+                if i + 1 < len(self.schedule):
+                    sigma = self.schedule[i + 1].sigma
+                    x = (1 - sigma) * x0 + sigma * noise.renoise(i, start, frames).to(device, dtype)
+            out[:, :, start:start + frames] = x0
+            if index + 1 < len(plan):  # the last block's clean K/V would serve no later block
+                self._flow(x0, 0.0, start, context, negative)
+            if on_block:
+                on_block(BlockDone(index, start, x0, time.perf_counter() - began))
+        return out
