@@ -1,0 +1,1 @@
+"""Loops that call models: schedules, the block-wise causal sampler, rolling window, verify, video writing; no training."""
