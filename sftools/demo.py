@@ -19,8 +19,12 @@ from sftools.io.scan import scan_file
 from sftools.lora.extract import extract_to_file
 from sftools.lora.merge import merge
 from sftools.lora.settings import ExtractSettings, RankRule
-from sftools.wan.config import TINY
+from sftools.sampling.run import PromptSource, sample_to_file
+from sftools.sampling.settings import from_preset
+from sftools.sampling.verify import verify
+from sftools.wan.config import TINY_128
 from sftools.wan.tiny import perturbed, random_state_dict, write_checkpoint
+from sftools.wan.tiny_parts import write_tiny_text_encoder, write_tiny_vae
 
 
 def run_demo(workdir: str, say: Callable[[str], None]) -> dict:
@@ -33,12 +37,15 @@ def run_demo(workdir: str, say: Callable[[str], None]) -> dict:
         if command:
             say("   $ sftools " + " ".join(shlex.quote(c) for c in command))
 
-    base_state = random_state_dict(TINY, seed=0)
+    base_state = random_state_dict(TINY_128, seed=0)
     tuned_state = perturbed(base_state, rank=4)
-    base = write_checkpoint(os.path.join(workdir, "Wan2.1-T2V-tiny-Diffusers"), base_state, "diffusers")
-    pt = write_checkpoint(os.path.join(workdir, "self_forcing_dmd.pt"), tuned_state, "self-forcing")
-    stage(f"1. wrote a tiny Wan 2.1 base {base}/ (diffusers layout) and a Self Forcing checkpoint {pt} "
-          "(generator, generator_ema, critic; torch zip pickle) whose weights differ from it")
+    base = write_checkpoint(os.path.join(workdir, "Wan2.1-T2V-tiny-Diffusers"), base_state, "diffusers", TINY_128)
+    write_tiny_text_encoder(base, text_dim=TINY_128.text_dim)
+    write_tiny_vae(base)
+    pt = write_checkpoint(os.path.join(workdir, "self_forcing_dmd.pt"), tuned_state, "self-forcing", TINY_128)
+    stage(f"1. wrote a tiny Wan 2.1 pipeline {base}/ (diffusers layout: transformer, umT5 text encoder, tokenizer, "
+          f"VAE) and a Self Forcing checkpoint {pt} (generator, generator_ema, critic; torch zip pickle) whose "
+          "weights differ from the base")
 
     scan = scan_file(pt)
     stage(f"2. scan: {scan['format']}, {'safe' if scan['safe'] else 'REFUSED'}; globals "
@@ -74,5 +81,22 @@ def run_demo(workdir: str, say: Callable[[str], None]) -> dict:
                 for k, v in tuned_state.items() if not torch.equal(v, base_state[k]))
     stage(f"7. lora merge base + LoRA -> {merged}: worst relative distance to the distilled weights {worst:.2e}",
           "lora", "merge", base, lora_path + ":1.0", "-o", merged)
+
+    video = os.path.join(workdir, "fox.mp4")
+    prompt = PromptSource(text="a fox in the snow", text_encoder=base)
+    settings = from_preset("self-forcing", frames=33, height=64, width=64)
+    sampled = sample_to_file(pt, video, settings, prompt, vae=base)
+    stage(f"8. sample the Self Forcing model block by block with its KV cache -> {video}: {sampled.frames} frames "
+          f"({sampled.latent_frames} latent) in {len(sampled.block_seconds)} blocks of 3, each block decoded and "
+          "appended as it finished", "sample", pt, "--prompt", prompt.text, "--text-encoder", base, "--vae", base,
+          "--frames", "33", "--height", "64", "--width", "64", "-o", video)
+
+    check = verify(pt, base, settings, prompt, candidate_loras=[(lora_path, 1.0)], min_psnr=30)
+    without = verify(pt, base, settings, prompt, min_psnr=30)
+    stage(f"9. verify base + extracted LoRA against the distilled model on the same noise: worst latent frame "
+          f"{check.worst_psnr:.1f} dB PSNR, min cosine {min(check.cosine):.5f}: {'PASS' if check.passed else 'FAIL'} "
+          f"at --min-psnr 30 (the base alone: {without.worst_psnr:.1f} dB, {'PASS' if without.passed else 'FAIL'})",
+          "verify", pt, base, "--candidate-lora", lora_path, "--prompt", prompt.text, "--text-encoder", base,
+          "--frames", "33", "--height", "64", "--width", "64", "--min-psnr", "30")
     return {"scan": scan, "convert": r, "convert_diffusers": r2, "inspect": info, "lora": report.to_dict(),
-            "merge_error": worst}
+            "merge_error": worst, "sample": sampled, "verify": check.to_dict()}

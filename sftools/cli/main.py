@@ -12,7 +12,9 @@ from sftools.cli.convert import convert_cmd
 from sftools.cli.demo import demo_cmd
 from sftools.cli.inspect_cmd import inspect_cmd
 from sftools.cli.lora import lora_group
+from sftools.cli.sample import sample_cmd
 from sftools.cli.scan import scan_cmd
+from sftools.cli.verify import verify_cmd
 from sftools.errors import SettingsError, SftoolsError
 
 
@@ -22,7 +24,7 @@ def cli() -> None:
     """Safe weight tools, LoRA extraction and causal sampling for Wan 2.1 and Self Forcing models."""
 
 
-for command in (scan_cmd, inspect_cmd, convert_cmd, lora_group, demo_cmd):
+for command in (scan_cmd, inspect_cmd, convert_cmd, lora_group, sample_cmd, verify_cmd, demo_cmd):
     cli.add_command(command)
 
 
@@ -36,7 +38,8 @@ class _NoteHandler(logging.Handler):
 def main() -> None:
     """Run the CLI; a user mistake is one line on stderr and exit 1 (2 for usage), never a traceback."""
     log = logging.getLogger("sftools")
-    log.addHandler(_NoteHandler())
+    if not any(isinstance(h, _NoteHandler) for h in log.handlers):
+        log.addHandler(_NoteHandler())
     log.setLevel(logging.INFO)
     log.propagate = False
     try:

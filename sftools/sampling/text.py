@@ -11,6 +11,7 @@ from __future__ import annotations
 import gc
 import json
 import os
+import sys
 
 import torch
 
@@ -38,6 +39,10 @@ def _find_parts(folder: str) -> tuple[str, str]:
 
 def _load_encoder(folder: str, dtype: torch.dtype) -> torch.nn.Module:
     from transformers import T5EncoderModel, UMT5EncoderModel
+    from transformers.utils import logging as transformers_logging
+
+    if not sys.stderr.isatty():  # its loading bar is for terminals, like ours
+        transformers_logging.disable_progress_bar()
 
     try:
         with open(os.path.join(folder, "config.json")) as f:

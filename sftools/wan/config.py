@@ -47,9 +47,12 @@ VACE_14B = replace(T2V_14B, model_type="vace", vace_layers=tuple(range(0, 40, 5)
 # Small enough for CPU tests, shaped like the real thing (head_dim 16 keeps RoPE's 3-way split even).
 TINY = WanConfig(dim=32, ffn_dim=64, num_heads=2, num_layers=2, text_dim=32, freq_dim=256)
 TINY_VACE = replace(TINY, model_type="vace", num_layers=4, vace_layers=(0, 2))
+# Tiny with the real head_dim 128: its head count is read back from the width alone (dim / 128, as
+# ComfyUI does), so pickles, which carry no config, describe it exactly. The demo uses it.
+TINY_128 = WanConfig(dim=256, ffn_dim=64, num_heads=2, num_layers=2, text_dim=32, freq_dim=256)
 PRESETS = {
     "t2v-1.3B": T2V_1_3B, "t2v-14B": T2V_14B, "i2v-14B": I2V_14B,
-    "vace-1.3B": VACE_1_3B, "vace-14B": VACE_14B, "tiny": TINY, "tiny-vace": TINY_VACE,
+    "vace-1.3B": VACE_1_3B, "vace-14B": VACE_14B, "tiny": TINY, "tiny-vace": TINY_VACE, "tiny-128": TINY_128,
     "tiny-i2v": replace(TINY, model_type="i2v", in_dim=36, image_dim=16),
 }
 

@@ -1,0 +1,131 @@
+"""A whole sampling run, from files to a file: prompt embeddings, the model with its LoRAs, the draws,
+the block loop, and the output (latents as safetensors, or an mp4 decoded and appended block by
+block so memory does not grow with the video). `sftools sample`, `verify` and the demo call this."""
+
+from __future__ import annotations
+
+import dataclasses
+import gc
+import os
+from dataclasses import dataclass, field
+
+import torch
+
+from sftools import __version__
+from sftools.errors import SettingsError, SftoolsError
+from sftools.io.output import check_destination, refuse_overwrite
+from sftools.models.causal_wan import CausalWanModel
+from sftools.sampling.causal import BlockDone, CausalSampler
+from sftools.sampling.load import default_dtype, load_transformer, resolve_device
+from sftools.sampling.noise import FileNoise, SeededNoise
+from sftools.sampling.settings import SampleSettings
+from sftools.sampling.text import encode_prompts, load_prompt_embeds
+from sftools.sampling.video import Mp4Writer, StreamingDecoder, write_latents
+
+OUTPUT_KINDS = (".safetensors", ".mp4")
+
+
+@dataclass(frozen=True, kw_only=True)
+class PromptSource:
+    """Either text and a local umT5 folder, or a safetensors file of embeddings."""
+
+    text: str | None = None
+    negative: str | None = None
+    text_encoder: str | None = None
+    embeds_file: str | None = None
+
+    def __post_init__(self) -> None:
+        if self.embeds_file and (self.text or self.text_encoder):
+            raise SettingsError("give --prompt-embeds FILE, or --prompt TEXT with --text-encoder DIR, not both")
+        if not self.embeds_file and not (self.text and self.text_encoder):
+            raise SettingsError("give --prompt TEXT with --text-encoder DIR (a local Wan diffusers folder), "
+                                "or --prompt-embeds FILE")
+
+
+@dataclass(frozen=True, kw_only=True)
+class Runtime:
+    device: str = "auto"  # auto | cpu | cuda | cuda:N
+    dtype: str | None = None  # bf16 | fp16 | fp32; None: bf16 on a GPU, fp32 on the CPU
+
+    def resolve(self) -> tuple[torch.device, torch.dtype]:
+        from sftools.io.dtypes import torch_dtype
+
+        device = resolve_device(self.device)
+        return device, torch_dtype(self.dtype) if self.dtype else default_dtype(device)
+
+
+@dataclass
+class SampleReport:
+    model: str
+    output: str | None
+    frames: int
+    latent_frames: int
+    block_seconds: list[float] = field(default_factory=list)
+    settings: dict = field(default_factory=dict)
+
+
+def prompt_embeddings(prompt: PromptSource, device: torch.device, dtype: torch.dtype
+                      ) -> tuple[torch.Tensor, torch.Tensor | None]:
+    if prompt.embeds_file:
+        return load_prompt_embeds(prompt.embeds_file)
+    return encode_prompts(prompt.text_encoder, prompt.text, prompt.negative, device, dtype)
+
+
+def generate(model_path: str, settings: SampleSettings, context: torch.Tensor, negative: torch.Tensor | None,
+             loras=(), select: str | None = None, noise_file: str | None = None,
+             device: torch.device = torch.device("cpu"), dtype: torch.dtype = torch.float32,
+             on_block=None) -> torch.Tensor:
+    """The final latents of one run; the model is freed before returning."""
+    transformer, config = load_transformer(model_path, list(loras), select, device, dtype)
+    if context.shape[-1] != config.text_dim:
+        raise SftoolsError(f"prompt embeddings are {context.shape[-1]} wide; {model_path} takes {config.text_dim}")
+    if settings.cfg != 1 and negative is None:
+        raise SettingsError("--cfg other than 1 needs --negative-prompt or negative_prompt_embeds")
+    h, w = settings.latent_size
+    shape = (1, config.out_dim, settings.latent_frames, h, w)
+    noise = FileNoise(noise_file, settings.steps, shape) if noise_file else SeededNoise(settings.seed, config.out_dim, h, w)
+    sampler = CausalSampler(CausalWanModel(transformer), config, settings)
+    latents = sampler.sample(context, noise, negative, on_block).float().cpu()
+    del sampler, transformer
+    gc.collect()
+    return latents
+
+
+def check_output(output: str, inputs: list[str], vae: str | None) -> str:
+    """'latents' or 'mp4', refusing before any work what could not be written."""
+    kind = next((k for k in OUTPUT_KINDS if output.endswith(k)), None)
+    if kind is None:
+        raise SettingsError(f"-o {output}: name a .safetensors file (latents) or a .mp4 file (video, with --vae)")
+    if kind == ".mp4" and not vae:
+        raise SettingsError(f"-o {output}: an mp4 needs --vae DIR (a local Wan VAE or diffusers folder)")
+    refuse_overwrite(output, [p for p in inputs if p])
+    check_destination(output)
+    return "mp4" if kind == ".mp4" else "latents"
+
+
+def sample_to_file(model_path: str, output: str, settings: SampleSettings, prompt: PromptSource,
+                   loras: list[tuple[str, float]] = (), select: str | None = None, noise_file: str | None = None,
+                   vae: str | None = None, runtime: Runtime = Runtime(), on_block=None) -> SampleReport:
+    kind = check_output(output, [model_path, noise_file, prompt.embeds_file, *(p for p, _ in loras)], vae)
+    device, dtype = runtime.resolve()
+    context, negative = prompt_embeddings(prompt, device, dtype)
+    report = SampleReport(model_path, output, settings.frames, settings.latent_frames,
+                          settings=dataclasses.asdict(settings))
+
+    def done(block: BlockDone, writer=None, decoder=None) -> None:
+        if writer is not None:
+            writer.append(decoder.decode(block.latents))
+        report.block_seconds.append(block.seconds)
+        if on_block:
+            on_block(block)
+
+    if kind == "mp4":
+        decoder = StreamingDecoder(vae, device, dtype)
+        with Mp4Writer(output) as writer:
+            generate(model_path, settings, context, negative, loras, select, noise_file, device, dtype,
+                     lambda b: done(b, writer, decoder))
+    else:
+        latents = generate(model_path, settings, context, negative, loras, select, noise_file, device, dtype, done)
+        write_latents(output, latents, {"sftools.source": os.path.basename(os.path.normpath(model_path)),
+                                        "sftools.version": __version__})
+    return report

@@ -1,0 +1,141 @@
+"""`sftools sample` and `sftools verify` as users call them: outputs, draws from a file, refusals."""
+
+from __future__ import annotations
+
+import os
+import sys
+
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+
+from sftools.cli.main import main
+from sftools.models.causal_wan import CausalWanModel
+from sftools.sampling.causal import CausalSampler
+from sftools.sampling.load import load_transformer
+from sftools.sampling.settings import PRESETS, SampleSettings
+from sftools.wan.config import TINY_128
+from sftools.wan.tiny import perturbed, random_state_dict, write_checkpoint
+from sftools.wan.tiny_parts import write_tiny_text_encoder, write_tiny_vae
+
+SIZE = ["--height", "32", "--width", "32"]
+
+
+def run(capsys, *args: str) -> tuple[int, str, str]:
+    """The command line in this process (no interpreter start-up per call)."""
+    old = sys.argv
+    sys.argv = ["sftools", *args]
+    code = 0
+    try:
+        main()
+    except SystemExit as exc:
+        code = exc.code or 0
+    finally:
+        sys.argv = old
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+@pytest.fixture(scope="module")
+def parts(tmp_path_factory):
+    d = tmp_path_factory.mktemp("sample")
+    state = random_state_dict(TINY_128, seed=0)
+    pipeline = write_checkpoint(str(d / "Wan-tiny"), state, "diffusers", TINY_128)
+    write_tiny_text_encoder(pipeline, text_dim=TINY_128.text_dim)
+    write_tiny_vae(pipeline)
+    g = torch.Generator().manual_seed(0)
+    save_file({"prompt_embeds": torch.randn(7, TINY_128.text_dim, generator=g),
+               "negative_prompt_embeds": torch.randn(5, TINY_128.text_dim, generator=g)}, str(d / "embeds.safetensors"))
+    return {"dir": d, "state": state, "pipeline": pipeline, "embeds": str(d / "embeds.safetensors"),
+            "pt": write_checkpoint(str(d / "sf.pt"), state, "self-forcing", TINY_128),
+            "other": write_checkpoint(str(d / "other.safetensors"), perturbed(state, scale=0.5), "original", TINY_128)}
+
+
+def test_latents_from_a_noise_file_equal_the_library_sampler_with_those_draws(parts, capsys, tmp_path):
+    s = SampleSettings(frames=17, height=32, width=32, **{k: v for k, v in PRESETS["self-forcing"].items()})
+    g = torch.Generator().manual_seed(3)
+    noise, renoise = torch.randn(1, 16, 5, 4, 4, generator=g), torch.randn(3, 1, 16, 5, 4, 4, generator=g)
+    save_file({"noise": noise, "renoise": renoise}, str(tmp_path / "noise.safetensors"))
+    out = tmp_path / "latents.safetensors"
+    code, _, err = run(capsys, "sample", parts["pt"], "--prompt-embeds", parts["embeds"], "--frames", "17", *SIZE,
+                       "--noise", str(tmp_path / "noise.safetensors"), "-o", str(out))
+    assert code == 0, err
+    latents = load_file(str(out))["latents"]
+    assert latents.shape == (1, 16, 5, 4, 4)
+
+    class Draws:
+        def initial(self, start, n):
+            return noise[:, :, start:start + n]
+
+        def renoise(self, step, start, n):
+            return renoise[step][:, :, start:start + n]
+
+    model, config = load_transformer(parts["pipeline"])
+    embeds = load_file(parts["embeds"])["prompt_embeds"][None]
+    assert torch.equal(latents, CausalSampler(CausalWanModel(model), config, s).sample(embeds, Draws()))
+
+
+def test_an_mp4_is_decoded_block_by_block_from_a_text_prompt(parts, capsys, tmp_path):
+    import av
+
+    out = tmp_path / "fox.mp4"
+    code, text, err = run(capsys, "sample", parts["pipeline"], "--prompt", "a fox", "--text-encoder", parts["pipeline"],
+                          "--vae", parts["pipeline"], "--frames", "21", *SIZE, "-o", str(out))
+    assert code == 0, err
+    assert "21 frames (6 latent) in 2 blocks" in text
+    with av.open(str(out)) as container:
+        frames = [f.to_ndarray(format="rgb24") for f in container.decode(video=0)]
+    assert len(frames) == 21 and frames[0].shape == (32, 32, 3)
+    assert [n for n in os.listdir(tmp_path) if n.startswith(".")] == []
+
+
+def test_long_videos_roll_the_cache_and_without_a_window_are_refused_clearly(parts, capsys, tmp_path):
+    args = ["sample", parts["pt"], "--prompt-embeds", parts["embeds"], "--frames", "97", *SIZE]
+    code, _, err = run(capsys, *args, "-o", str(tmp_path / "a.safetensors"))
+    assert code == 1 and err.count("\n") == 1 and "holds 21 latent frames" in err and "--local-attn-frames" in err
+    assert not (tmp_path / "a.safetensors").exists()
+    code, _, err = run(capsys, *args, "--local-attn-frames", "9", "--sink-frames", "3", "-o", str(tmp_path / "b.safetensors"))
+    assert code == 0, err
+    assert load_file(str(tmp_path / "b.safetensors"))["latents"].shape[2] == 25
+
+
+def test_verify_passes_a_model_against_itself_and_its_conversion_and_fails_a_perturbed_one(parts, capsys, tmp_path):
+    common = ["--prompt-embeds", parts["embeds"], "--frames", "9", *SIZE, "--min-psnr", "40"]
+    code, text, _ = run(capsys, "verify", parts["pt"], parts["pipeline"], *common)
+    assert code == 0 and "worst identical" in text
+    code, text, err = run(capsys, "verify", parts["pt"], parts["other"], *common, "--json")
+    assert code == 1 and '"passed": false' in text and "below --min-psnr 40" in err
+
+
+@pytest.mark.parametrize("extra,code,message", [
+    (["--frames", "80"], 2, "4k+1"),
+    (["--height", "40"], 2, "multiple of 16"),
+    (["--local-attn-frames", "2"], 2, "must exceed the block"),
+    (["--frames-per-block", "x"], 2, "'all'"),
+    (["--steps", "0"], 2, "--steps must be"),
+    (["--noise", "{embeds}"], 1, "has no tensor 'noise'"),
+    (["--lora", "{lora}"], 1, "which {pt} does not have"),
+    (["-o", "{dir}/x.mp4"], 2, "needs --vae"),
+    (["-o", "{dir}/x.png"], 2, "name a .safetensors file"),
+    (["-o", "{pt}"], 2, "name a .safetensors file"),
+    (["-o", "{embeds}"], 1, "is the input"),
+    (["--text-encoder", "{dir}"], 2, "not both"),
+])
+def test_bad_sampling_input_is_one_line_and_no_output(parts, capsys, tmp_path, extra, code, message):
+    lora = tmp_path / "lora.safetensors"
+    save_file({"diffusion_model.blocks.7.ffn.0.lora_up.weight": torch.ones(64, 2),
+               "diffusion_model.blocks.7.ffn.0.lora_down.weight": torch.ones(2, 256)}, str(lora))
+    fill = dict(embeds=parts["embeds"], lora=str(lora), pt=parts["pt"], dir=tmp_path)
+    extra = [e.format(**fill) for e in extra]
+    output = [] if "-o" in extra else ["-o", str(tmp_path / "out.safetensors")]
+    before = sorted(os.listdir(tmp_path))
+    got, _, err = run(capsys, "sample", parts["pt"], "--prompt-embeds", parts["embeds"], "--frames", "9", *SIZE,
+                      *extra, *output)
+    assert got == code and message.format(**fill) in err, err
+    assert "Traceback" not in err and sorted(os.listdir(tmp_path)) == before
+
+
+def test_the_command_line_offers_exactly_the_presets_the_library_has():
+    from sftools.cli.sample import PRESET_NAMES
+
+    assert set(PRESET_NAMES) == set(PRESETS)
