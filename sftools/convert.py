@@ -1,19 +1,28 @@
-"""`sftools convert`: any supported checkpoint to safetensors, in the original or diffusers layout."""
+"""`sftools convert`: any supported checkpoint to safetensors, in the original or diffusers layout.
+
+A Wan 2.2 A14B folder (two experts) converts whole: each expert into the sub-folder its output
+layout gives it (`high_noise_model/` + `low_noise_model/`, or diffusers' `transformer/` +
+`transformer_2/`), each with its config.json, and the whole output folder is renamed into place
+only when both experts were written and read back.
+"""
 
 from __future__ import annotations
 
 import json
 import os
+from dataclasses import dataclass
 
 from sftools import __version__
 from sftools.errors import SftoolsError
 from sftools.io.dtypes import torch_dtype
-from sftools.io.lazy import dtype_counts, shared_count
-from sftools.io.output import OUTPUT_SUFFIX, check_output_file, refuse_overwrite, write_file, write_sharded
+from sftools.io.lazy import Checkpoint, LazyTensor, dtype_counts, shared_count
+from sftools.io.output import (OUTPUT_SUFFIX, atomic_target, check_output_file, refuse_overwrite, write_file,
+                               write_sharded)
 from sftools.lora.keys import refuse_lora
-from sftools.wan.config import diffusers_config
-from sftools.wan.detect import describe_weights
-from sftools.wan.source import load_model, stored_config
+from sftools.wan.config import diffusers_config, wan_config
+from sftools.wan.detect import Description, describe_experts
+from sftools.wan.experts import EXPERT_FOLDERS, expert_folders
+from sftools.wan.source import describe, load_model, stored_config
 
 DEFAULT_SHARD_BYTES = 5 * 10**9
 
@@ -25,28 +34,35 @@ def is_folder_destination(dst: str, layout: str, sharded: bool) -> bool:
         ((sharded or layout == "diffusers") and not dst.endswith(OUTPUT_SUFFIX))
 
 
-def convert_model(
-    src: str,
-    dst: str,
-    select: str | None = None,
-    layout: str = "original",
-    dtype: str = "keep",
-    max_shard_bytes: int | None = None,
-) -> dict:
-    """Convert `src` to `dst` and return a report; the output is read back and compared before it
-    is renamed into place."""
-    to_folder = is_folder_destination(dst, layout, max_shard_bytes is not None)
-    refuse_overwrite(dst, [src], is_dir=to_folder)
-    if max_shard_bytes and not to_folder:
-        raise SftoolsError(f"{dst}: --max-shard-size needs a folder as the destination")
-    if not to_folder:
-        check_output_file(dst, [src])
+@dataclass
+class _Source:
+    """One opened model, ready to write: its renamed, cast tensors and what is known about it."""
+
+    path: str
+    ckpt: Checkpoint
+    tensors: dict[str, LazyTensor]
+    description: Description
+    metadata: dict[str, str]
+    notes: list[str]
+
+    def report(self, dst: str, files: list[str], layout: str) -> dict:
+        return {
+            "source": self.path,
+            "source_format": self.ckpt.format,
+            "destination": dst,
+            "files": files,
+            "layout": layout,
+            "model": self.description.title,
+            "tensors": len(self.tensors),
+            "bytes": sum(t.nbytes for t in self.tensors.values()),
+            "dtypes": dtype_counts(self.tensors.values()),
+            "notes": self.notes,
+        }
+
+
+def _open(src: str, select: str | None, layout: str, dtype: str, expert: str | None = None) -> _Source:
     ckpt = load_model(src, select, layout)
     refuse_lora(src, ckpt.tensors)
-    refuse_overwrite(dst, ckpt.files, is_dir=to_folder)
-    tensors = ckpt.cast(torch_dtype(dtype)).tensors
-    config = stored_config(ckpt)
-    description = describe_weights({n: t.shape for n, t in ckpt.tensors.items()}, config.num_heads if config else None)
     metadata = {
         **{k: v for k, v in ckpt.metadata.items() if k.startswith("sftools.")},
         "format": "pt",
@@ -60,23 +76,76 @@ def convert_model(
     notes = list(ckpt.notes)
     if shared:
         notes.append(f"{shared} tensors share storage with another (views or tied weights); each is written with its own bytes")
+    return _Source(src, ckpt, ckpt.cast(torch_dtype(dtype)).tensors, describe(ckpt, expert), metadata, notes)
+
+
+def _write_folder(dst: str, source: _Source, layout: str, max_shard_bytes: int | None, expert: bool = False) -> list[str]:
+    """Shards plus the config.json that lets the folder load: diffusers' for the diffusers layout,
+    and Wan-AI's `WanModel` one for an A14B expert in original names (Wan2.2 loads it that way)."""
+    config = stored_config(source.ckpt) or source.description.config
+    extra = {}
+    if source.description.is_model and layout == "diffusers":  # not for a VACE module alone
+        extra["config.json"] = json.dumps(diffusers_config(config), indent=2)
+    elif expert:
+        extra["config.json"] = json.dumps(wan_config(config), indent=2)
+    return write_sharded(dst, source.tensors, source.metadata, max_shard_bytes or DEFAULT_SHARD_BYTES, extra,
+                         desc="converting")
+
+
+def convert_model(
+    src: str,
+    dst: str,
+    select: str | None = None,
+    layout: str = "original",
+    dtype: str = "keep",
+    max_shard_bytes: int | None = None,
+) -> dict:
+    """Convert `src` to `dst` and return a report; the output is read back and compared before it
+    is renamed into place."""
+    experts = expert_folders(src)
+    if experts:
+        return convert_experts(src, experts, dst, select, layout, dtype, max_shard_bytes)
+    to_folder = is_folder_destination(dst, layout, max_shard_bytes is not None)
+    refuse_overwrite(dst, [src], is_dir=to_folder)
+    if max_shard_bytes and not to_folder:
+        raise SftoolsError(f"{dst}: --max-shard-size needs a folder as the destination")
+    if not to_folder:
+        check_output_file(dst, [src])
+    source = _open(src, select, layout, dtype)
+    refuse_overwrite(dst, source.ckpt.files, is_dir=to_folder)
     if to_folder:
-        extra = {}
-        if layout == "diffusers" and description.kind.startswith("wan2.1"):  # not for a module alone
-            extra["config.json"] = json.dumps(diffusers_config(config or description.config), indent=2)
-        files = write_sharded(dst, tensors, metadata, max_shard_bytes or DEFAULT_SHARD_BYTES, extra, desc="converting")
+        files = _write_folder(dst, source, layout, max_shard_bytes)
     else:
-        write_file(dst, tensors, metadata, desc="converting")
+        write_file(dst, source.tensors, source.metadata, desc="converting")
         files = [os.path.basename(dst)]
+    return source.report(dst, files, layout)
+
+
+def convert_experts(src: str, experts: dict[str, str], dst: str, select: str | None, layout: str, dtype: str,
+                    max_shard_bytes: int | None) -> dict:
+    """Both experts of the A14B folder `src` into `dst`, one sub-folder each (named for `layout`)."""
+    if dst.endswith(OUTPUT_SUFFIX):
+        raise SftoolsError(f"{dst}: {src} holds two Wan 2.2 A14B experts; give a folder as DST (one sub-folder per expert)")
+    refuse_overwrite(dst, [src], is_dir=True)
+    sources = {e: _open(path, select, layout, dtype, expert=e) for e, path in experts.items()}
+    model = describe_experts(src, {e: s.description for e, s in sources.items()})
+    refuse_overwrite(dst, [f for s in sources.values() for f in s.ckpt.files], is_dir=True)
+    folders = EXPERT_FOLDERS[layout]
+    reports = {}
+    with atomic_target(dst, is_dir=True, own_names=folders.values()) as tmp:
+        for expert, source in sources.items():
+            files = _write_folder(os.path.join(tmp, folders[expert]), source, layout, max_shard_bytes, expert=True)
+            reports[expert] = source.report(os.path.join(dst, folders[expert]), files, layout)
     return {
         "source": src,
-        "source_format": ckpt.format,
         "destination": dst,
-        "files": files,
+        "files": [f"{folders[e]}/{f}" for e, r in reports.items() for f in r["files"]],
         "layout": layout,
-        "model": description.title,
-        "tensors": len(tensors),
-        "bytes": sum(t.nbytes for t in tensors.values()),
-        "dtypes": dtype_counts(tensors.values()),
-        "notes": notes,
+        "model": f"{model.title} (experts: {', '.join(reports)})",
+        "task": model.details["task"],
+        "experts": reports,
+        "tensors": sum(r["tensors"] for r in reports.values()),
+        "bytes": sum(r["bytes"] for r in reports.values()),
+        "dtypes": dtype_counts(t for s in sources.values() for t in s.tensors.values()),
+        "notes": [f"{e}: {n}" for e, r in reports.items() for n in r["notes"]],
     }

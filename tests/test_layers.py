@@ -13,7 +13,7 @@ import pathlib
 import pytest
 
 ROOT = pathlib.Path(__file__).resolve().parents[1] / "sftools"
-BASE = {"errors", "__init__"}  # sftools.errors and the version, usable everywhere
+BASE = {"errors", "devices", "__init__"}  # errors, device names and the version, usable everywhere
 ALLOWED = {
     "io": {"io"},
     "wan": {"wan", "io"},

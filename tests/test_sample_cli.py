@@ -139,3 +139,18 @@ def test_the_command_line_offers_exactly_the_presets_the_library_has():
     from sftools.cli.sample import PRESET_NAMES
 
     assert set(PRESET_NAMES) == set(PRESETS)
+
+
+def test_a_lora_given_at_load_samples_like_the_model_it_was_merged_into(parts, capsys, tmp_path):
+    lora, merged = str(tmp_path / "l.safetensors"), str(tmp_path / "merged.safetensors")
+    assert run(capsys, "lora", "extract", parts["pipeline"], parts["other"], "-o", lora, "--rank", "4", "--dtype", "fp32")[0] == 0
+    assert run(capsys, "lora", "merge", parts["pipeline"], lora + ":0.7", "-o", merged)[0] == 0
+    common = ["--prompt-embeds", parts["embeds"], "--frames", "9", *SIZE]
+    code, _, err = run(capsys, "sample", parts["pipeline"], "--lora", lora + ":0.7", *common, "-o", str(tmp_path / "a.safetensors"))
+    assert code == 0, err
+    assert run(capsys, "sample", merged, *common, "-o", str(tmp_path / "b.safetensors"))[0] == 0
+    a, b = (load_file(str(tmp_path / n))["latents"] for n in ("a.safetensors", "b.safetensors"))
+    assert torch.equal(a, b)
+    plain = tmp_path / "c.safetensors"
+    assert run(capsys, "sample", parts["pipeline"], *common, "-o", str(plain))[0] == 0
+    assert not torch.allclose(a, load_file(str(plain))["latents"], atol=1e-3)  # the LoRA did change the model

@@ -237,3 +237,26 @@ def test_more_frames_than_the_cache_holds_is_a_clear_error(tiny):
     s = settings(12, cache_frames=9)
     with pytest.raises(SftoolsError, match="holds 9 latent frames .* --local-attn-frames"):
         CausalSampler(model, config, s).sample(embeds(), SeededNoise(0, 16, 8, 8))
+
+
+def test_the_masked_parallel_forward_recomputes_what_the_cache_computes(tiny):
+    from sftools.models.kv_cache import visible_frames
+
+    _, _, model, config = tiny
+    for kw in ({}, {"local_attn_frames": 7, "sink_frames": 1}):
+        s = settings(12, **kw)
+        draws = Draws(s)
+        cached = CausalSampler(model, config, s).sample(embeds(), draws)
+        visible = visible_frames(12, 3, kw.get("local_attn_frames"), kw.get("sink_frames", 0))
+        schedule, done = few_step_schedule(4, 5.0), []
+        with torch.no_grad():
+            for start, frames in blocks(s):
+                x, end = draws.initial(start, frames), start + frames
+                for i, step in enumerate(schedule):
+                    t = torch.tensor([[0.0] * start + [step.timestep] * frames])
+                    flow = model.masked(torch.cat([*done, x], 2), t, pad_context(embeds()), visible[:end, :end])[:, :, start:]
+                    x0 = (x.double() - step.sigma * flow.double()).float()
+                    if i + 1 < 4:
+                        x = (1 - schedule[i + 1].sigma) * x0 + schedule[i + 1].sigma * draws.renoise(i, start, frames)
+                done.append(x0)
+        assert torch.allclose(cached, torch.cat(done, 2), atol=2e-5, rtol=0)

@@ -26,11 +26,14 @@ def convert_cmd(src, dst, select, layout, dtype, max_shard_size, as_json) -> Non
     """Convert SRC (a .pt/.pth/.ckpt/.bin pickle, read without executing it, a safetensors file,
     a sharded or diffusers folder) to safetensors at DST: a .safetensors file, or a folder (an
     existing one, a name ending in /, or any other name with --max-shard-size or --layout diffusers).
-    The output is read back and compared before it is renamed into place."""
+    A Wan 2.2 A14B folder converts both experts into DST/high_noise_model/ and DST/low_noise_model/
+    (original) or DST/transformer/ and DST/transformer_2/ (diffusers). The output is read back and
+    compared before it is renamed into place."""
     from sftools.convert import convert_model
 
     r = convert_model(src, dst, select, layout, dtype, max_shard_size)
     lines = [f"{src} -> {dst}: {r['model']}, {r['tensors']} tensors, {human_bytes(r['bytes'])}, "
              f"{r['layout']} layout, dtypes {r['dtypes']}; read back and verified"]
+    lines += [f"  {e}: -> {x['destination']}: {x['model']}, {x['tensors']} tensors" for e, x in r.get("experts", {}).items()]
     lines += [f"  note: {n}" for n in r["notes"]]
     emit(r, as_json, lines)

@@ -15,8 +15,9 @@ SELECT_HELP = "Sub-dict of a training checkpoint (default generator_ema, then ge
 @click.option("--select", metavar="NAME", help=SELECT_HELP)
 @JSON_OPTION
 def inspect_cmd(path: str, select: str | None, as_json: bool) -> None:
-    """Name what PATH is (Wan 2.1 t2v / i2v / flf2v / VACE model and its size, VACE module, LoRA form
-    and rank) and in which layout, with its tensors, parameters, dtypes and the metadata sftools wrote."""
+    """Name what PATH is (Wan 2.1 t2v / i2v / flf2v / VACE model and its size, Wan 2.2 TI2V-5B or
+    A14B and its experts, VACE module, LoRA form and rank) and in which layout, with its tensors,
+    parameters, dtypes and the metadata sftools wrote."""
     from sftools.inspection import inspect_file
 
     r = inspect_file(path, select)
@@ -32,6 +33,8 @@ def inspect_cmd(path: str, select: str | None, as_json: bool) -> None:
         for key in ("missing", "unexpected", "mismatched"):
             if r.get(key):
                 lines.append(f"  {len(r[key])} {key} keys, first: {r[key][0]}")
+    lines += [f"  {e}: {p['path']}: {p['title']}, {p['tensors']} tensors, {p['layout']} layout"
+              for e, p in r.get("experts", {}).items()]
     lines += [f"  {k}: {v}" for k, v in r["sftools_metadata"].items()]
     lines += [f"  note: {n}" for n in r["notes"]]
     emit(r, as_json, lines)

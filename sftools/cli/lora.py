@@ -17,13 +17,15 @@ DTYPE_HELP = "dtype of the written tensors; keep: the input's."
 
 @click.group("lora", short_help="Extract, merge, resize and re-format LoRAs.")
 def lora_group() -> None:
-    """Extract, merge, resize and re-format LoRAs for Wan 2.1."""
+    """Extract, merge, resize and re-format LoRAs for Wan 2.1 and 2.2."""
 
 
 @lora_group.command("extract", short_help="Extract a LoRA from TUNED minus BASE.")
 @click.argument("base")
 @click.argument("tuned")
-@OUTPUT_OPTION
+@click.option("-o", "--output", required=True, metavar="OUT",
+              help="The LoRA file to write (OUT.safetensors); with Wan 2.2 A14B folders as BASE and TUNED, the "
+                   "folder into which one LoRA per expert is written (TUNED_high_noise_lora.safetensors, ...).")
 @click.option("--rank", type=int, default=32, show_default=True, help="Rank kept per module (the cap, in energy mode).")
 @click.option("--rank-mode", type=click.Choice(RANK_MODES), default="fixed", show_default=True,
               help="fixed: --rank everywhere; energy: per module the smallest rank keeping --energy of ||D||_F^2.")
@@ -42,14 +44,18 @@ def lora_group() -> None:
 @click.option("--exclude", metavar="REGEX", help="Skip parameters whose original name matches.")
 @click.option("--no-full-diffs", is_flag=True, help="Write only low-rank factors (no .diff / .diff_b).")
 @click.option("--min-diff", type=float, default=0.0, show_default=True, help="Pairs whose largest |difference| is at most this count as unchanged.")
-@click.option("--report", "report_path", metavar="REPORT.json", help="Write the whole report (per layer: rank, error, seconds) as JSON.")
+@click.option("--report", "report_path", metavar="REPORT.json",
+              help="Write the whole report (per layer: rank, error, seconds) as JSON; for A14B folders one file "
+                   "with both experts under \"experts\".")
 @JSON_OPTION
 def extract_cmd(base, tuned, output, rank, rank_mode, energy, form, dtype, device, svd, oversample, niter, seed,
                 include, exclude, no_full_diffs, min_diff, report_path, as_json) -> None:
     """Extract a LoRA from TUNED minus BASE (any model form, mixed layouts), one tensor pair in
-    memory at a time: low-rank factors for Linear weights, dense diffs for the rest."""
-    from sftools.lora.extract import extract_to_file
+    memory at a time: low-rank factors for Linear weights, dense diffs for the rest. Two Wan 2.2
+    A14B folders give one LoRA per expert (high noise against high noise, low against low)."""
+    from sftools.lora.extract import extract_experts_to_folder, extract_to_file
     from sftools.lora.settings import ExtractSettings, RankRule, Selection, SvdSettings
+    from sftools.wan.experts import expert_pairs
 
     settings = ExtractSettings(
         rank=RankRule(rank=rank, mode=rank_mode, energy=energy),
@@ -58,16 +64,23 @@ def extract_cmd(base, tuned, output, rank, rank_mode, energy, form, dtype, devic
         device=device,
         dtype=dtype,
     )
-    report = extract_to_file(base, tuned, output, settings, form=form, report_path=report_path)
-    s = report.summary
-    lines = [f"{output}: {s['lora_modules']} LoRA modules (rank {s['ranks']}), {s['full_diffs']} full diffs, "
-             f"{s['unchanged']} unchanged, {s['excluded']} excluded; weighted relative error "
-             f"{s['weighted_rel_error']:.4g} (max {s['max_rel_error']:.4g}); {s['seconds']:.1f} s"]
-    if report.not_in_form:
-        lines.append(f"  the {form} form cannot carry {len(report.not_in_form)} dense diffs "
-                     f"(first: {report.not_in_form[0]}); left out")
-    lines += [f"  warning: diffusers will not load this file: {p}" for p in report.diffusers_problems]
-    emit(report.to_dict(), as_json, lines)
+    if expert_pairs(base, tuned):
+        reports = extract_experts_to_folder(base, tuned, output, settings, form=form, report_path=report_path)
+        result = {"experts": {e: r.to_dict() for e, r in reports.items()}}
+    else:
+        reports = {"": extract_to_file(base, tuned, output, settings, form=form, report_path=report_path)}
+        result = reports[""].to_dict()
+    lines = []
+    for report in reports.values():
+        s = report.summary
+        lines.append(f"{report.output}: {s['lora_modules']} LoRA modules (rank {s['ranks']}), {s['full_diffs']} full "
+                     f"diffs, {s['unchanged']} unchanged, {s['excluded']} excluded; weighted relative error "
+                     f"{s['weighted_rel_error']:.4g} (max {s['max_rel_error']:.4g}); {s['seconds']:.1f} s")
+        if report.not_in_form:
+            lines.append(f"  the {form} form cannot carry {len(report.not_in_form)} dense diffs "
+                         f"(first: {report.not_in_form[0]}); left out")
+        lines += [f"  warning: diffusers will not load this file: {p}" for p in report.diffusers_problems]
+    emit(result, as_json, lines)
 
 
 @lora_group.command("merge", short_help="Bake LoRAs into a base model.")

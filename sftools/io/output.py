@@ -110,11 +110,12 @@ def remove_stale_temporaries(dst: str) -> list[str]:
 
 
 @contextlib.contextmanager
-def atomic_target(dst: str, is_dir: bool = False) -> Iterator[str]:
-    """Yield a temporary path beside `dst`; move it to `dst` only if the block succeeds."""
+def atomic_target(dst: str, is_dir: bool = False, own_names: Iterable[str] = ()) -> Iterator[str]:
+    """Yield a temporary path beside `dst`; move it to `dst` only if the block succeeds. An existing
+    folder `dst` may hold shards, config.json and `own_names` (sub-folders the caller writes there)."""
     parent = os.path.dirname(os.path.abspath(dst)) or "."
     if is_dir:
-        _check_folder_destination(dst, parent)
+        _check_folder_destination(dst, parent, set(own_names))
     else:
         check_destination(dst)
     remove_stale_temporaries(dst)
@@ -135,7 +136,7 @@ def atomic_target(dst: str, is_dir: bool = False) -> Iterator[str]:
             os.remove(tmp)
 
 
-def _check_folder_destination(dst: str, parent: str) -> None:
+def _check_folder_destination(dst: str, parent: str, own_names: set[str]) -> None:
     """An output folder may be new, or one holding only files sftools writes there."""
     if not os.path.isdir(parent):
         raise SftoolsError(f"{dst}: folder {parent} does not exist")
@@ -143,7 +144,7 @@ def _check_folder_destination(dst: str, parent: str) -> None:
         return
     if not os.path.isdir(dst):
         raise SftoolsError(f"{dst}: exists and is not a folder")
-    foreign = [n for n in os.listdir(dst) if not (n.startswith(SHARD_STEM) or n == "config.json")]
+    foreign = [n for n in os.listdir(dst) if not (n.startswith(SHARD_STEM) or n == "config.json" or n in own_names)]
     if foreign:
         raise SftoolsError(f"{dst}: folder holds other files ({foreign[0]}, ...); choose an empty or new folder")
 

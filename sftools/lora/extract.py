@@ -10,6 +10,10 @@ rank, so every loader applies scale 1). Always factors, never a dense `.diff`, b
 Wan converter silently ignores dense diffs of Linear weights and fails on text/time embedding
 biases whose weights have no factors. Everything else (biases, norms, `modulation`,
 `head.modulation`, `patch_embedding`) becomes a dense diff; unchanged tensors are skipped.
+
+Wan 2.2 A14B: the distill LoRAs are one extraction per expert (high-noise tuned minus high-noise
+base, low minus low), so two A14B folders give two LoRAs, each exactly what extracting that pair
+alone gives, named for its expert; a pair whose names say high against low is refused.
 """
 
 from __future__ import annotations
@@ -26,16 +30,19 @@ from dataclasses import dataclass, field
 import torch
 
 from sftools import __version__
+from sftools.devices import resolve_device
 from sftools.errors import SettingsError, SftoolsError
 from sftools.io.dtypes import dtype_name, torch_dtype
 from sftools.io.lazy import CASTABLE, Checkpoint
-from sftools.io.output import check_destination, check_output_file, progress, refuse_overwrite, write_text
+from sftools.io.output import (OUTPUT_SUFFIX, check_destination, check_output_file, progress, refuse_overwrite,
+                               write_text)
 from sftools.io.safetensors_io import tensor_bytes
 from sftools.lora.forms import Lora, diffusers_problems, write_lora
 from sftools.lora.keys import FORMS, refuse_lora
 from sftools.lora.settings import ExtractSettings
 from sftools.lora.svd import choose_rank, factorize
 from sftools.wan.detect import describe_weights
+from sftools.wan.experts import expert_pairs, refuse_crossed_experts
 from sftools.wan.keys import ORIGINAL_KEY
 from sftools.wan.source import load_model
 
@@ -111,15 +118,6 @@ class ExtractReport:
         return {k: v for k, v in meta.items() if v}
 
 
-def resolve_device(name: str) -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    device = torch.device(name)
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise SftoolsError("--device cuda was asked for, but torch sees no CUDA device")
-    return device
-
-
 def is_factored(name: str, shape: tuple[int, ...]) -> bool:
     """Linear weights: the 2-D `.weight`s (norm weights are 1-D, modulation 3-D, patch conv 5-D)."""
     return name.endswith(".weight") and len(shape) == 2
@@ -127,6 +125,7 @@ def is_factored(name: str, shape: tuple[int, ...]) -> bool:
 
 def open_pair(base_path: str, tuned_path: str) -> tuple[Checkpoint, Checkpoint]:
     """Both models in original names, checked against each other before any tensor is read."""
+    refuse_crossed_experts(base_path, tuned_path)
     models, kinds = [], []
     for path in (base_path, tuned_path):
         ckpt = load_model(path, layout="original", dequant=True)
@@ -187,22 +186,71 @@ def extract_to_file(base_path: str, tuned_path: str, output: str, settings: Extr
                     form: str = "comfyui", report_path: str | None = None) -> ExtractReport:
     """Extract and write the LoRA (and the report as JSON), refusing, before any work, destinations
     that could not be written or that are inputs."""
-    if form not in FORMS:
-        raise SftoolsError(f"LoRA form {form!r} is not one of {', '.join(FORMS)}")
-    if report_path and os.path.realpath(report_path) == os.path.realpath(output):
-        raise SettingsError(f"--report {report_path} must name a file other than the output")
+    _check_form_and_report(form, report_path, [output])
     base, tuned = open_pair(base_path, tuned_path)
     inputs = [base_path, tuned_path, *base.files, *tuned.files]
     check_output_file(output, inputs)
+    _check_report(report_path, inputs)
+    report = _extract_and_write(base, tuned, output, settings, form)
+    if report_path:
+        write_text(report_path, json.dumps(report.to_dict(), indent=1))
+    return report
+
+
+def expert_lora_name(tuned_path: str, expert: str) -> str:
+    """`<tuned name>_<expert>_lora.safetensors`: the expert in the name, as every A14B LoRA pair carries it."""
+    return f"{os.path.basename(os.path.normpath(tuned_path))}_{expert}_lora{OUTPUT_SUFFIX}"
+
+
+def extract_experts_to_folder(base_path: str, tuned_path: str, folder: str, settings: ExtractSettings = ExtractSettings(),
+                              form: str = "comfyui", report_path: str | None = None) -> dict[str, ExtractReport]:
+    """One LoRA per expert of two Wan 2.2 A14B folders, written into `folder` (created if missing) as
+    `expert_lora_name`; the report, when asked, is one JSON `{"experts": {expert: report}}`. Every
+    pair and destination is checked before any tensor is read."""
+    pairs = expert_pairs(base_path, tuned_path)
+    if pairs is None:
+        raise SftoolsError(f"{base_path} and {tuned_path}: neither is a Wan 2.2 A14B folder")
+    if folder.endswith(OUTPUT_SUFFIX) or (os.path.exists(folder) and not os.path.isdir(folder)):
+        raise SftoolsError(f"{folder}: with Wan 2.2 A14B folders as inputs -o names a folder, "
+                           "into which one LoRA per expert is written")
+    outputs = {e: os.path.join(folder, expert_lora_name(tuned_path, e)) for e in pairs}
+    _check_form_and_report(form, report_path, list(outputs.values()))
+    opened = {e: open_pair(b, t) for e, (b, t) in pairs.items()}
+    inputs = [base_path, tuned_path, *(f for pair in opened.values() for side in pair for f in side.files)]
+    for root in (base_path, tuned_path):
+        inside = os.path.realpath(folder) + os.sep
+        if inside.startswith(os.path.realpath(root) + os.sep):
+            raise SftoolsError(f"{folder}: is inside the input {root}; LoRAs written there would become part of it")
+    for output in outputs.values():
+        refuse_overwrite(output, inputs)
+        check_destination(output if os.path.isdir(folder) else folder)
+    _check_report(report_path, inputs)
+    os.makedirs(folder, exist_ok=True)
+    reports = {e: _extract_and_write(*opened[e], outputs[e], settings, form) for e in pairs}
+    if report_path:
+        write_text(report_path, json.dumps({"experts": {e: r.to_dict() for e, r in reports.items()}}, indent=1))
+    return reports
+
+
+def _check_form_and_report(form: str, report_path: str | None, outputs: list[str]) -> None:
+    if form not in FORMS:
+        raise SftoolsError(f"LoRA form {form!r} is not one of {', '.join(FORMS)}")
+    if report_path and any(os.path.realpath(report_path) == os.path.realpath(o) for o in outputs):
+        raise SettingsError(f"--report {report_path} must name a file other than the output")
+
+
+def _check_report(report_path: str | None, inputs: list[str]) -> None:
     if report_path:
         check_destination(report_path)
         refuse_overwrite(report_path, inputs)
+
+
+def _extract_and_write(base: Checkpoint, tuned: Checkpoint, output: str, settings: ExtractSettings,
+                       form: str) -> ExtractReport:
     lora, report = extract_pair(base, tuned, settings)
     report.output, report.form = output, form
     report.diffusers_problems = diffusers_problems(lora) if form == "comfyui" else []
     report.not_in_form = write_lora(output, lora, form, torch_dtype(report.dtype), report.metadata())
-    if report_path:
-        write_text(report_path, json.dumps(report.to_dict(), indent=1))
     return report
 
 

@@ -40,6 +40,7 @@ class CausalState:
     num_layers: int
     spec: CacheSpec | None = None
     active: bool = False
+    mask: torch.Tensor | None = None  # [tokens, tokens] for a masked parallel forward (not a causal call)
     start_frame: int = 0
     branch: str = "cond"
     self_kv: dict[str, list[LayerCache]] = field(default_factory=dict)
@@ -80,7 +81,7 @@ class CausalSelfAttnProcessor:
 
     def __call__(self, attn, hidden_states, encoder_hidden_states=None, attention_mask=None, rotary_emb=None):
         if not self.state.active:
-            return self.default(attn, hidden_states, encoder_hidden_states, attention_mask, rotary_emb)
+            return self.default(attn, hidden_states, encoder_hidden_states, self.state.mask, rotary_emb)
         query = _heads(attn.norm_q(attn.to_q(hidden_states)), attn.heads)
         key = _heads(attn.norm_k(attn.to_k(hidden_states)), attn.heads)
         value = _heads(attn.to_v(hidden_states), attn.heads)
@@ -191,6 +192,20 @@ class CausalWanModel(torch.nn.Module):
         """diffusers' own forward over all the frames given (the teacher's and the critic's view)."""
         return self.transformer(hidden_states=latents, timestep=self.per_token(timestep, latents),
                                 encoder_hidden_states=context, return_dict=False)[0]
+
+    def masked(self, latents: torch.Tensor, timestep: torch.Tensor, context: torch.Tensor,
+               visible: torch.Tensor) -> torch.Tensor:
+        """diffusers' forward over all the frames given, frame f attending to frame g only where
+        `visible[f, g]` (see `kv_cache.visible_frames`): what the cache computes block by block, in one
+        parallel call (the recompute baseline; teacher forcing and ODE regression train this way)."""
+        _, _, _, height, width = latents.shape
+        _, p_h, p_w = self.transformer.config.patch_size
+        tokens = (height // p_h) * (width // p_w)
+        self.state.mask = visible.repeat_interleave(tokens, 0).repeat_interleave(tokens, 1).to(latents.device)
+        try:
+            return self.bidirectional(latents, timestep, context)
+        finally:
+            self.state.mask = None
 
     def per_token(self, timestep: torch.Tensor, latents: torch.Tensor) -> torch.Tensor:
         """[B, frames] timesteps spread over each frame's tokens (diffusers' per-token path)."""

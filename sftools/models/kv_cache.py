@@ -83,3 +83,18 @@ class LayerCache:
             keys, values = self.k[:, :local_end], self.v[:, :local_end]
         self.global_end, self.local_end = end, local_end
         return keys, values
+
+
+def visible_frames(frames: int, per_block: int, window: int | None = None, sink: int = 0) -> torch.Tensor:
+    """[frames, frames] bool: which frames each frame's block attends to under the cache, as a mask.
+    A block sees itself and everything before it; with a rolling `window` (the block included),
+    once the video outgrows it, the first `sink` frames and the newest window - sink frames."""
+    visible = torch.zeros(frames, frames, dtype=torch.bool)
+    for start in range(0, frames, per_block):
+        end = min(start + per_block, frames)
+        keys = torch.arange(frames)
+        seen = keys < end
+        if window is not None and end > window:
+            seen &= (keys < sink) | (keys >= end - (window - sink))
+        visible[start:end] = seen
+    return visible

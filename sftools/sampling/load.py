@@ -23,15 +23,6 @@ from sftools.wan.keys import original_to_diffusers
 from sftools.wan.source import load_model, model_config
 
 
-def resolve_device(name: str) -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    device = torch.device(name)
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise SftoolsError("--device cuda was asked for, but torch sees no CUDA device")
-    return device
-
-
 def default_dtype(device: torch.device) -> torch.dtype:
     """bf16 on a GPU, fp32 on the CPU (where bf16 matmuls are slow and inexact)."""
     return torch.bfloat16 if device.type == "cuda" else torch.float32

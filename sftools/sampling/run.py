@@ -16,7 +16,8 @@ from sftools.errors import SettingsError, SftoolsError
 from sftools.io.output import check_destination, refuse_overwrite
 from sftools.models.causal_wan import CausalWanModel
 from sftools.sampling.causal import BlockDone, CausalSampler
-from sftools.sampling.load import default_dtype, load_transformer, resolve_device
+from sftools.devices import resolve_device
+from sftools.sampling.load import default_dtype, load_transformer
 from sftools.sampling.noise import FileNoise, SeededNoise
 from sftools.sampling.settings import SampleSettings
 from sftools.sampling.text import encode_prompts, load_prompt_embeds

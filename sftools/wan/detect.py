@@ -3,41 +3,60 @@
 The rules follow ComfyUI's `detect_unet_config` and diffusers' single-file detection: `head.modulation`
 marks a Wan transformer, `vace_patch_embedding` a VACE model, `img_emb` an image-conditioned one; the
 dimensions come from the tensor shapes, so tiny test models are described as exactly as real ones.
+
+Wan 2.2 (reference wan22.md §5): 48 latent channels out (and in) can only come from the Wan 2.2 VAE,
+so that is TI2V; 36 channels in without the CLIP keys is an I2V-A14B expert (Wan 2.1 I2V and FLF2V
+always have them). A T2V-A14B expert is shaped like Wan 2.1 T2V-14B: only a name saying
+`high_noise` / `low_noise` tells it, and names which expert it is.
 """
 
 from __future__ import annotations
 
 import re
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 
+from sftools.errors import SftoolsError
 from sftools.wan.config import WanConfig, model_shapes, vace_shapes
+from sftools.wan.experts import EXPERTS, expert_from_name
 from sftools.wan.keys import detect_layout, diffusers_to_original
 
-SIZES = {(1536, 30): "1.3B", (5120, 40): "14B"}
+SIZES = {"2.1": {(1536, 30): "1.3B", (5120, 40): "14B"}, "2.2": {(3072, 30): "5B", (5120, 40): "A14B"}}
 BASE_LAYERS = {1536: 30, 5120: 40}
+WAN22_LATENT_CHANNELS = 48  # the Wan 2.2 VAE's z_dim; the Wan 2.1 VAE has 16
 
 
 @dataclass
 class Description:
-    kind: str  # "wan2.1 t2v" | "wan2.1 i2v" | "wan2.1 flf2v" | "wan2.1 vace" | "vace module" | "lora" | "unknown"
+    kind: str  # "wan2.1 t2v|i2v|flf2v|vace" | "wan2.2 t2v|i2v|ti2v" | "vace module" | "lora" | "unknown"
     layout: str
     size: str = ""
     config: WanConfig | None = None
     details: dict = field(default_factory=dict)
+    expert: str = ""  # Wan 2.2 A14B: "high_noise" | "low_noise" when a name says it
+
+    @property
+    def is_model(self) -> bool:
+        """A whole Wan transformer (not a VACE module alone, a LoRA or anything else)."""
+        return self.kind.startswith("wan")
 
     @property
     def title(self) -> str:
-        return " ".join(p for p in (self.kind, self.size) if p)
+        return " ".join(p for p in (self.kind, self.size, self.expert and f"{self.expert} expert") if p)
 
     def to_dict(self) -> dict:
         out = {"kind": self.kind, "size": self.size, "layout": self.layout, **self.details}
+        if self.expert:
+            out["expert"] = self.expert
         if self.config is not None:
             out["config"] = {**asdict(self.config), "vace_layers": list(self.config.vace_layers)}
         return out
 
 
-def describe_weights(shapes: dict[str, tuple[int, ...]], num_heads: int | None = None) -> Description:
-    """Describe model weights given by clean (unwrapped) names and shapes."""
+def describe_weights(shapes: dict[str, tuple[int, ...]], num_heads: int | None = None, name: str = "",
+                     expert: str | None = None) -> Description:
+    """Describe model weights given by clean (unwrapped) names and shapes. `expert` (the sub-folder
+    of an A14B folder they came from), else `name` (their file or folder), tells a Wan 2.2 A14B
+    expert (`high_noise` / `low_noise`) from Wan 2.1."""
     names = list(shapes)
     layout = detect_layout(names)
     if layout == "diffusers":
@@ -48,12 +67,28 @@ def describe_weights(shapes: dict[str, tuple[int, ...]], num_heads: int | None =
     config = infer_config(shapes, num_heads)
     if config is None:
         return Description("unknown", layout)
+    if config.model_type not in ("t2v", "i2v") or config.image_branch:
+        expert = None  # Wan 2.1 I2V, FLF2V, VACE and TI2V-5B are single models whatever their name
+    elif expert is None and name:
+        expert = expert_from_name(name)
+    if expert:
+        config = replace(config, wan_version="2.2")
     expected = model_shapes(config) if "head.modulation" in shapes else vace_shapes(config)
-    kind = "vace module" if "head.modulation" not in shapes else f"wan2.1 {config.model_type}"
+    kind = "vace module" if "head.modulation" not in shapes else f"wan{config.wan_version} {config.model_type}"
     details = {"missing": sorted(set(expected) - set(shapes)), "unexpected": sorted(set(shapes) - set(expected))}
     details["mismatched"] = sorted(n for n in set(expected) & set(shapes) if tuple(expected[n]) != tuple(shapes[n]))
-    size = SIZES.get((config.dim, config.num_layers), f"custom (dim {config.dim}, {config.num_layers} layers)")
-    return Description(kind, layout, size, config, details)
+    size = SIZES[config.wan_version].get((config.dim, config.num_layers),
+                                         f"custom (dim {config.dim}, {config.num_layers} layers)")
+    return Description(kind, layout, size, config, details, expert or "")
+
+
+def describe_experts(path: str, experts: dict[str, Description]) -> Description:
+    """One A14B model from the descriptions of its experts, which must be of one kind and size."""
+    high, low = (experts[e] for e in EXPERTS)
+    if not high.is_model or (high.kind, high.size) != (low.kind, low.size):
+        raise SftoolsError(f"{path}: the experts are not one A14B model: high_noise is {high.title or high.kind}, "
+                           f"low_noise is {low.title or low.kind}")
+    return Description(high.kind, high.layout, high.size, high.config, {"task": high.kind.split()[-1]})
 
 
 def infer_config(shapes: dict[str, tuple[int, ...]], num_heads: int | None = None) -> WanConfig | None:
@@ -67,13 +102,21 @@ def infer_config(shapes: dict[str, tuple[int, ...]], num_heads: int | None = Non
     num_layers = _count(shapes, "blocks")
     ffn = shapes.get("blocks.0.ffn.0.weight") or shapes.get("vace_blocks.0.ffn.0.weight") or (0,)
     n_vace = _count(shapes, "vace_blocks")
-    model_type = "t2v"
+    in_dim = shapes.get("patch_embedding.weight", (0, 16))[1]
+    out_dim = shapes.get("head.head.weight", (64,))[0] // 4
+    model_type, version = "t2v", "2.1"
     if "vace_patch_embedding.weight" in shapes:
         model_type = "vace"
     elif "img_emb.emb_pos" in shapes:
         model_type = "flf2v"
-    elif "img_emb.proj.1.weight" in shapes or "blocks.0.cross_attn.k_img.weight" in shapes:
+    elif any(n.startswith("img_emb.") or ".cross_attn.k_img." in n for n in shapes):
         model_type = "i2v"
+    elif out_dim == WAN22_LATENT_CHANNELS:
+        # Only the Wan 2.2 VAE has 48 latent channels (a 48-channel input alone may be Fun-Control's).
+        model_type, version = "ti2v", "2.2"
+    elif in_dim == 36:
+        # Noise + mask + image latent, without the CLIP branch Wan 2.1 I2V always has.
+        model_type, version = "i2v", "2.2"
     # Head count is not stored in the weights: real Wan models use head_dim 128 (ComfyUI's rule).
     heads = num_heads or (dim // 128 if dim % 128 == 0 else 1)
     if not num_layers and n_vace:
@@ -85,14 +128,15 @@ def infer_config(shapes: dict[str, tuple[int, ...]], num_heads: int | None = Non
         ffn_dim=ffn[0],
         num_heads=heads,
         num_layers=num_layers,
-        in_dim=shapes.get("patch_embedding.weight", (0, 16))[1],
-        out_dim=shapes.get("head.head.weight", (64,))[0] // 4,
+        in_dim=in_dim,
+        out_dim=out_dim,
         text_dim=shapes.get("text_embedding.0.weight", (0, 4096))[1],
         freq_dim=shapes.get("time_embedding.0.weight", (0, 256))[1],
         image_dim=shapes.get("img_emb.proj.1.weight", (1280,))[0],
         # The layer list is not stored either; ComfyUI spreads n add-on blocks evenly.
         vace_layers=tuple(range(0, num_layers, max(1, num_layers // n_vace)))[:n_vace] if n_vace else (),
         vace_in_dim=shapes.get("vace_patch_embedding.weight", (0, 96))[1],
+        wan_version=version,
     )
 
 

@@ -1,9 +1,11 @@
-"""Random Wan 2.1 checkpoints in every real file layout, for tests and `sftools demo`.
+"""Random Wan 2.1 and 2.2 checkpoints in every real file layout, for tests and `sftools demo`.
 
 Nothing is downloaded: weights are drawn from a seeded generator with the shapes of `WanConfig`, and
 written the way the real files are (a bare safetensors file, ComfyUI's `model.diffusion_model.`
 prefix, a diffusers folder with `config.json`, or a Self Forcing `.pt` with `generator`,
-`generator_ema` and `critic` under `model.` and FSDP wrappers).
+`generator_ema` and `critic` under `model.` and FSDP wrappers), and Wan 2.2 A14B folders with both
+experts (Wan-AI's `high_noise_model/` + `low_noise_model/`, or a diffusers pipeline's
+`transformer/` + `transformer_2/`).
 """
 
 from __future__ import annotations
@@ -14,7 +16,8 @@ import os
 import torch
 from safetensors.torch import save_file
 
-from sftools.wan.config import TINY, WanConfig, diffusers_config, model_shapes
+from sftools.wan.config import TINY, WanConfig, diffusers_config, model_shapes, wan_config
+from sftools.wan.experts import EXPERT_FOLDERS
 from sftools.wan.keys import original_to_diffusers
 
 LAYOUTS = ("original", "comfyui", "diffusers", "self-forcing")
@@ -88,6 +91,44 @@ def write_checkpoint(
     else:
         raise ValueError(f"unknown layout {layout!r}; one of {LAYOUTS}")
     return path
+
+
+def write_a14b(
+    folder: str,
+    experts: dict[str, dict[str, torch.Tensor]],
+    layout: str = "original",
+    config: WanConfig = TINY,
+    shards: int = 1,
+) -> str:
+    """A Wan 2.2 A14B folder from original-named `experts` ({"high_noise": state, "low_noise": state}):
+    Wan-AI's (`layout` original: each expert a folder with its `WanModel` config.json and
+    `diffusion_pytorch_model.safetensors`, or `shards` files plus their index) or a diffusers
+    pipeline's (`transformer/`, `transformer_2/`); returns `folder`."""
+    for expert, state in experts.items():
+        sub = os.path.join(folder, EXPERT_FOLDERS[layout][expert])
+        if layout == "diffusers":
+            write_checkpoint(sub, state, "diffusers", config)
+            continue
+        os.makedirs(sub, exist_ok=True)
+        with open(os.path.join(sub, "config.json"), "w") as f:
+            json.dump(wan_config(config), f, indent=2)
+        _write_shards(sub, state, config, shards)
+    return folder
+
+
+def _write_shards(folder: str, state: dict[str, torch.Tensor], config: WanConfig, shards: int) -> None:
+    meta = {"format": "pt", "sftools.config": config.to_json()}
+    if shards == 1:
+        save_file(_contiguous(state), os.path.join(folder, "diffusion_pytorch_model.safetensors"), metadata=meta)
+        return
+    names, weight_map = list(state), {}
+    for i in range(shards):
+        file = f"diffusion_pytorch_model-{i + 1:05d}-of-{shards:05d}.safetensors"
+        part = {n: state[n] for n in names[i::shards]}
+        save_file(_contiguous(part), os.path.join(folder, file), metadata=meta)
+        weight_map.update(dict.fromkeys(part, file))
+    with open(os.path.join(folder, "diffusion_pytorch_model.safetensors.index.json"), "w") as f:
+        json.dump({"metadata": {}, "weight_map": weight_map}, f, indent=2)
 
 
 def _contiguous(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
