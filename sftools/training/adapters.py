@@ -1,0 +1,91 @@
+"""Several peft LoRA adapters on one frozen base transformer, chosen per call.
+
+Self Forcing trains three full models (generator, critic, teacher). Here they share one frozen
+base: the generator and the critic are peft LoRA adapters on it (`add_adapter` of diffusers'
+`PeftAdapterMixin`), and the teacher is the base with adapters disabled, so memory is one model plus
+adapters. Adapters are kept in original Wan names when they meet LoRA files (`lora.forms.Lora`), so a
+generator can start from an extracted LoRA and be saved for `sftools sample --lora`.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import warnings
+from typing import Iterator
+
+import torch
+from diffusers import WanTransformer3DModel
+from peft import LoraConfig
+
+from sftools.errors import SftoolsError
+from sftools.lora.forms import Lora
+from sftools.wan.keys import diffusers_name_to_original, original_to_diffusers
+
+GENERATOR, CRITIC = "generator", "critic"
+# Every Linear of the blocks, as the lightx2v / Kijai LoRAs cover them.
+TARGETS = r"^blocks\.\d+\.(attn1\.(to_q|to_k|to_v|to_out\.0)|attn2\.(to_q|to_k|to_v|to_out\.0)|ffn\.net\.(0\.proj|2))$"
+
+
+def add_adapters(transformer: WanTransformer3DModel, rank: int, names: tuple[str, ...] = (GENERATOR, CRITIC)) -> None:
+    """Zero-initialized (lora_B = 0) adapters of `rank`, alpha = rank so the scale is 1 as in the
+    LoRA files sftools writes; the base is frozen."""
+    transformer.requires_grad_(False)
+    with warnings.catch_warnings():  # peft warns on a second adapter: several are the point here
+        warnings.filterwarnings("ignore", message="Already found a `peft_config` attribute")
+        for name in names:
+            transformer.add_adapter(LoraConfig(r=rank, lora_alpha=rank, target_modules=TARGETS, init_lora_weights=True),
+                                    adapter_name=name)
+
+
+def adapter_parameters(transformer: WanTransformer3DModel, name: str) -> list[torch.nn.Parameter]:
+    return [p for n, p in transformer.named_parameters() if f".{name}." in n and ".lora_" in n]
+
+
+@contextlib.contextmanager
+def using(transformer: WanTransformer3DModel, name: str | None) -> Iterator[None]:
+    """Run with only adapter `name` active (None: the base alone, the teacher's view); its
+    parameters are trainable, every other adapter's frozen."""
+    if name is None:
+        transformer.disable_adapters()
+    else:
+        transformer.enable_adapters()
+        transformer.set_adapter(name)
+        for p in adapter_parameters(transformer, name):
+            p.requires_grad_(True)
+    try:
+        yield
+    finally:
+        transformer.enable_adapters()
+
+
+def _lora_modules(transformer: WanTransformer3DModel, name: str) -> dict[str, torch.nn.Module]:
+    """diffusers module name -> the peft layer holding adapter `name`."""
+    return {n: m for n, m in transformer.named_modules() if hasattr(m, "lora_A") and name in m.lora_A}
+
+
+@torch.no_grad()
+def load_adapter(transformer: WanTransformer3DModel, name: str, lora: Lora) -> None:
+    """Start adapter `name` from a LoRA read by `lora.forms` (any form sftools reads). Its factors
+    must be of the adapter's rank and target its modules; dense diffs have no place in an adapter."""
+    modules = _lora_modules(transformer, name)
+    names = original_to_diffusers(lora.factors)
+    for param, (up, down) in lora.factors.items():
+        module = names[param].removesuffix(".weight")
+        if module not in modules:
+            raise SftoolsError(f"LoRA factor for {param} has no {name} adapter module (adapters cover the block Linears)")
+        layer = modules[module]
+        a, b = layer.lora_A[name].weight, layer.lora_B[name].weight
+        if tuple(down.shape) != tuple(a.shape) or tuple(up.shape) != tuple(b.shape):
+            raise SftoolsError(f"LoRA factor for {param} is rank {down.shape[0]}; the {name} adapter has rank {a.shape[0]}")
+        a.copy_(down.to(a.dtype))
+        b.copy_(up.to(b.dtype))
+
+
+def adapter_lora(transformer: WanTransformer3DModel, name: str) -> Lora:
+    """Adapter `name` as an in-memory LoRA in original names (scale 1: alpha = rank)."""
+    lora = Lora()
+    for module, layer in _lora_modules(transformer, name).items():
+        original = diffusers_name_to_original(module + ".weight")
+        lora.factors[original] = (layer.lora_B[name].weight.detach().float().cpu().clone(),
+                                  layer.lora_A[name].weight.detach().float().cpu().clone())
+    return lora
