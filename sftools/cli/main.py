@@ -14,6 +14,7 @@ from sftools.cli.inspect_cmd import inspect_cmd
 from sftools.cli.lora import lora_group
 from sftools.cli.sample import sample_cmd
 from sftools.cli.scan import scan_cmd
+from sftools.cli.train import train_cmd
 from sftools.cli.verify import verify_cmd
 from sftools.errors import SettingsError, SftoolsError
 
@@ -24,7 +25,7 @@ def cli() -> None:
     """Safe weight tools, LoRA extraction and causal sampling for Wan 2.1 and Self Forcing models."""
 
 
-for command in (scan_cmd, inspect_cmd, convert_cmd, lora_group, sample_cmd, verify_cmd, demo_cmd):
+for command in (scan_cmd, inspect_cmd, convert_cmd, lora_group, sample_cmd, verify_cmd, train_cmd, demo_cmd):
     cli.add_command(command)
 
 

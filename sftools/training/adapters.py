@@ -81,11 +81,14 @@ def load_adapter(transformer: WanTransformer3DModel, name: str, lora: Lora) -> N
         b.copy_(up.to(b.dtype))
 
 
-def adapter_lora(transformer: WanTransformer3DModel, name: str) -> Lora:
-    """Adapter `name` as an in-memory LoRA in original names (scale 1: alpha = rank)."""
+def adapter_lora(transformer: WanTransformer3DModel, name: str, values: dict[str, torch.Tensor] | None = None) -> Lora:
+    """Adapter `name` as an in-memory LoRA in original names (scale 1: alpha = rank); `values`
+    (parameter name -> tensor, such as an EMA) replaces the live weights where given."""
+    values = values or {}
+    params = dict(transformer.named_parameters())
     lora = Lora()
-    for module, layer in _lora_modules(transformer, name).items():
-        original = diffusers_name_to_original(module + ".weight")
-        lora.factors[original] = (layer.lora_B[name].weight.detach().float().cpu().clone(),
-                                  layer.lora_A[name].weight.detach().float().cpu().clone())
+    for module in _lora_modules(transformer, name):
+        a, b = f"{module}.lora_A.{name}.weight", f"{module}.lora_B.{name}.weight"
+        up, down = (values.get(k, params[k]).detach().float().cpu().clone() for k in (b, a))
+        lora.factors[diffusers_name_to_original(module + ".weight")] = (up, down)
     return lora

@@ -1,0 +1,281 @@
+"""Self Forcing DMD on adapters, on accelerate: the loop of `trainer/distillation.py`
+(guandeh17/Self-Forcing @ 33593df) with the generator and the critic as LoRA adapters of one
+frozen base.
+
+Every iteration updates the critic with the flow-matching loss on a fresh no-grad rollout; every
+`critic_ratio`-th also updates the generator with DMD on a rollout that keeps gradients at each
+block's exit step (AdamW with Self Forcing's betas, gradient clipping, then the EMA of the adapter).
+All randomness of an iteration comes from generators keyed by (seed, iteration, process), so a run
+repeats exactly, a resumed run continues exactly, and raising the step count continues the same run.
+Gradients are averaged over processes by hand after each backward: several forward calls, with
+adapters switched per call, go into one backward, which DDP's per-forward hooks do not allow.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import time
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+from accelerate import Accelerator
+
+from sftools.io.output import progress
+from sftools.lora.forms import read_lora_file, write_lora
+from sftools.models.causal_wan import CausalWanModel
+from sftools.sampling.causal import pad_context
+from sftools.sampling.load import load_transformer
+from sftools.sampling.schedules import few_step_schedule
+from sftools.sampling.text import encode_prompts
+from sftools.training.adapters import CRITIC, GENERATOR, adapter_lora, adapter_parameters, add_adapters, load_adapter, using
+from sftools.training.checkpoint import load_checkpoint, save_checkpoint
+from sftools.training.config import TINY_MODEL, Recipe
+from sftools.training.dmd import critic_timestep, dmd_loss, flow_loss, noised
+from sftools.training.rollout import exit_step, rollout
+
+TINY_PROMPTS = ("a red ball rolls on grass", "waves at sunset", "a fox in the snow", "city lights at night")
+
+
+@dataclass
+class StepLog:
+    iteration: int
+    generator_loss: float | None
+    critic_loss: float
+    seconds: float
+
+
+def _generator(seed: int, iteration: int, rank: int, what: str) -> torch.Generator:
+    key = hashlib.blake2b(f"{seed}:{iteration}:{rank}:{what}".encode(), digest_size=8).digest()
+    return torch.Generator().manual_seed(int.from_bytes(key, "little") & (2**63 - 1))
+
+
+class Trainer:
+    def __init__(self, recipe: Recipe, output_dir: str, accelerator: Accelerator | None = None) -> None:
+        self.recipe, self.output_dir = recipe, output_dir
+        self.accelerator = accelerator or Accelerator(mixed_precision=recipe.run.mixed_precision)
+        self.device = self.accelerator.device
+        self.start = 0
+        os.makedirs(output_dir, exist_ok=True)
+        base, text_encoder = self._base_and_text_encoder()
+        self.embeds, self.negative = self._prompt_embeddings(text_encoder)
+        self.transformer, self.config = load_transformer(base, device=self.device)
+        with torch.random.fork_rng(devices=[]):  # peft draws lora_A from the global generator
+            torch.manual_seed(recipe.run.seed)
+            add_adapters(self.transformer, recipe.model.rank)
+        if recipe.model.init_lora:
+            load_adapter(self.transformer, GENERATOR, read_lora_file(recipe.model.init_lora))
+        if recipe.run.gradient_checkpointing:
+            self.transformer.enable_gradient_checkpointing()
+        self.teacher = load_transformer(recipe.model.teacher, device=self.device)[0] if recipe.model.teacher else None
+        self.model = CausalWanModel(self.transformer)
+        o = recipe.optim
+        self.params = {name: adapter_parameters(self.transformer, name) for name in (GENERATOR, CRITIC)}
+        self.optimizers = {
+            GENERATOR: torch.optim.AdamW(self.params[GENERATOR], lr=o.lr, betas=o.betas, weight_decay=o.weight_decay),
+            CRITIC: torch.optim.AdamW(self.params[CRITIC], lr=o.lr_critic, betas=o.betas, weight_decay=o.weight_decay),
+        }
+        self.ema: dict[str, torch.Tensor] | None = None
+        v = recipe.video
+        self.schedule = few_step_schedule(v.steps, v.shift)
+        self.shape = (1, self.config.out_dim, v.latent_frames, v.height // 8, v.width // 8)
+
+    # --- set-up --------------------------------------------------------------------------------
+
+    def _base_and_text_encoder(self) -> tuple[str, str | None]:
+        """The built-in tiny model (and its tiny umT5) is written into the run folder once."""
+        m, d = self.recipe.model, self.recipe.data
+        if m.base != TINY_MODEL:
+            return m.base, d.text_encoder
+        from sftools.wan.config import TINY_128
+        from sftools.wan.tiny import random_state_dict, write_checkpoint
+        from sftools.wan.tiny_parts import write_tiny_text_encoder
+
+        folder = os.path.join(self.output_dir, "tiny-model")
+        if self.accelerator.is_main_process and not os.path.exists(os.path.join(folder, "config.json")):
+            write_checkpoint(folder, random_state_dict(TINY_128, seed=0), "diffusers", TINY_128)
+            write_tiny_text_encoder(folder, text_dim=TINY_128.text_dim)
+        self.accelerator.wait_for_everyone()
+        return folder, d.text_encoder or folder
+
+    def _prompt_embeddings(self, text_encoder: str | None) -> tuple[list[torch.Tensor], torch.Tensor]:
+        """umT5 embeddings of every prompt, computed once into `cache/` (trimmed of padding), so the
+        text encoder is not held while training."""
+        d = self.recipe.data
+        prompts = list(TINY_PROMPTS) if not d.prompts else [p.strip() for p in open(d.prompts) if p.strip()]
+        cache = os.path.join(self.output_dir, "cache", "prompt_embeds.safetensors")
+        key = hashlib.sha256(json.dumps([prompts, d.negative_prompt, text_encoder]).encode()).hexdigest()
+        from safetensors import safe_open
+        from safetensors.torch import save_file
+
+        if self.accelerator.is_main_process and not _cache_matches(cache, key):
+            if text_encoder is None:
+                raise ValueError("data.text_encoder is needed to encode the prompts")
+            tensors = {}
+            for i, prompt in enumerate(prompts):
+                positive, negative = encode_prompts(text_encoder, prompt, d.negative_prompt, torch.device("cpu"),
+                                                    torch.float32)
+                tensors[f"prompt.{i}"] = _trim(positive[0])
+            tensors["negative"] = _trim(negative[0])
+            os.makedirs(os.path.dirname(cache), exist_ok=True)
+            save_file(tensors, cache + ".tmp", metadata={"key": key})
+            os.replace(cache + ".tmp", cache)
+        self.accelerator.wait_for_everyone()
+        with safe_open(cache, "pt") as f:
+            embeds = [f.get_tensor(f"prompt.{i}") for i in range(len(prompts))]
+            return embeds, f.get_tensor("negative")
+
+    # --- one iteration -------------------------------------------------------------------------
+
+    def _scores(self, x_t: torch.Tensor, t: torch.Tensor, context: torch.Tensor, negative: torch.Tensor):
+        """x0 of the critic (fake score) and of the teacher with guidance (real score), no gradients."""
+        sigma = (t / 1000).view(-1, 1, 1, 1, 1)
+        with torch.no_grad():
+            with using(self.transformer, CRITIC):
+                fake = x_t - sigma * self.model.bidirectional(x_t, t, context)
+            teacher = self.teacher or self.transformer
+            with using(self.transformer, None):
+                cond = teacher(hidden_states=x_t, timestep=t, encoder_hidden_states=context, return_dict=False)[0]
+                uncond = teacher(hidden_states=x_t, timestep=t, encoder_hidden_states=negative, return_dict=False)[0]
+            real = x_t - sigma * (cond + self.recipe.optim.guidance * (cond - uncond))
+        return real, fake
+
+    def _update(self, name: str, loss: torch.Tensor) -> None:
+        params = self.params[name]
+        for p in params:  # switching adapters since the forward froze these, and autograd skips frozen leaves
+            p.requires_grad_(True)
+        self.accelerator.backward(loss)
+        if self.accelerator.num_processes > 1:
+            for p in params:
+                if p.grad is not None:
+                    dist.all_reduce(p.grad)
+                    p.grad /= self.accelerator.num_processes
+        torch.nn.utils.clip_grad_norm_(params, self.recipe.optim.grad_clip)
+        self.optimizers[name].step()
+        self.optimizers[name].zero_grad(set_to_none=True)
+
+    def _rollout(self, context: torch.Tensor, iteration: int, generator: torch.Generator, what: str) -> torch.Tensor:
+        v, seed = self.recipe.video, self.recipe.run.seed
+        exit_at = exit_step(v.steps, seed + (what == "critic"), iteration)
+        with using(self.transformer, GENERATOR), self.accelerator.autocast():
+            return rollout(self.model, context, self.schedule, self.shape, v.frames_per_block, exit_at, generator, v.shift)
+
+    def iteration(self, it: int) -> StepLog:
+        began, rank, seed = time.perf_counter(), self.accelerator.process_index, self.recipe.run.seed
+        prompt = (it * self.accelerator.num_processes + rank) % len(self.embeds)
+        context = pad_context(self.embeds[prompt][None]).to(self.device)
+        negative = pad_context(self.negative[None]).to(self.device)
+        generator_loss = None
+        if it % self.recipe.optim.critic_ratio == 0:
+            g = _generator(seed, it, rank, "generator")
+            video = self._rollout(self.embeds[prompt][None], it, g, "generator")
+            t = critic_timestep(1, self.recipe.video.shift, g).to(self.device)
+            x_t = noised(video.detach(), torch.randn(video.shape, generator=g).to(self.device), t)
+            real, fake = self._scores(x_t, t, context, negative)
+            loss = dmd_loss(video, real, fake)
+            self._update(GENERATOR, loss)
+            generator_loss = float(loss.detach())
+            self._update_ema(it)
+        g = _generator(seed, it, rank, "critic")
+        with torch.no_grad():
+            video = self._rollout(self.embeds[prompt][None], it, g, "critic")
+        t = critic_timestep(1, self.recipe.video.shift, g).to(self.device)
+        noise = torch.randn(video.shape, generator=g).to(self.device)
+        with using(self.transformer, CRITIC), self.accelerator.autocast():
+            flow = self.model.bidirectional(noised(video, noise, t), t, context)
+        loss = flow_loss(flow, video, noise)
+        self._update(CRITIC, loss)
+        return StepLog(it, generator_loss, float(loss.detach()), time.perf_counter() - began)
+
+    def _update_ema(self, it: int) -> None:
+        run = self.recipe.run
+        if it < run.ema_start:
+            return
+        with torch.no_grad():
+            if self.ema is None:
+                self.ema = {n: p.detach().float().clone() for n, p in self._named(GENERATOR)}
+            else:
+                for n, p in self._named(GENERATOR):
+                    self.ema[n].mul_(run.ema_decay).add_(p.detach().float(), alpha=1 - run.ema_decay)
+
+    def _named(self, adapter: str):
+        return [(n, p) for n, p in self.transformer.named_parameters() if f".{adapter}." in n and ".lora_" in n]
+
+    # --- checkpoints and results ---------------------------------------------------------------
+
+    def save(self, step: int) -> None:
+        if not self.accelerator.is_main_process:
+            return
+        tensors = {f"adapter.{n}": p for name in (GENERATOR, CRITIC) for n, p in self._named(name)}
+        tensors.update({f"ema.{n}": v for n, v in (self.ema or {}).items()})
+        save_checkpoint(self.output_dir, step, tensors, {k: o.state_dict() for k, o in self.optimizers.items()},
+                        {"ema": self.ema is not None, "recipe": self.recipe.to_dict()}, self.recipe.run.keep_checkpoints)
+
+    def resume(self, path: str) -> None:
+        tensors, states, meta = load_checkpoint(path, list(self.optimizers))
+        with torch.no_grad():
+            for name in (GENERATOR, CRITIC):
+                for n, p in self._named(name):
+                    p.copy_(tensors[f"adapter.{n}"])
+        for name, state in states.items():
+            self.optimizers[name].load_state_dict(state)
+        self.ema = {n[len("ema."):]: v for n, v in tensors.items() if n.startswith("ema.")} if meta["ema"] else None
+        self.start = int(meta["step"])
+
+    def generator_lora(self):
+        """The generator adapter as a LoRA, from its EMA once that has started."""
+        return adapter_lora(self.transformer, GENERATOR, self.ema)
+
+    def write_final(self) -> dict[str, str]:
+        final = os.path.join(self.output_dir, "final")
+        os.makedirs(final, exist_ok=True)
+        lora = self.generator_lora()
+        meta = {"sftools.training.recipe": json.dumps(self.recipe.to_dict()), "sftools.training.ema": str(bool(self.ema))}
+        out = {form: os.path.join(final, name) for form, name in (("comfyui", "lora.safetensors"),
+                                                                  ("diffusers", "lora_diffusers.safetensors"))}
+        for form, path in out.items():
+            write_lora(path, lora, form, torch.float32, meta)
+        return out
+
+    def adapters_agree(self) -> bool:
+        """Whether every process holds the same generator and critic adapters."""
+        if self.accelerator.num_processes == 1:
+            return True
+        flat = torch.cat([p.detach().float().flatten() for name in (GENERATOR, CRITIC) for _, p in self._named(name)])
+        gathered = self.accelerator.gather(flat[None])
+        return bool((gathered == gathered[0]).all())
+
+    def train(self, on_log=None) -> dict:
+        run = self.recipe.run
+        logs = []
+        with progress(run.steps - self.start, "training", unit="step") as bar:
+            for it in range(self.start, run.steps):
+                log = self.iteration(it)
+                logs.append(log)
+                bar.set_postfix_str(f"gen {log.generator_loss or 0:.4f} critic {log.critic_loss:.4f} {log.seconds:.1f} s/step")
+                bar.update(1)
+                if on_log and (it % run.log_every == 0 or it + 1 == run.steps):
+                    on_log(log)
+                if (it + 1) % run.checkpoint_every == 0 or it + 1 == run.steps:
+                    self.save(it + 1)
+        agree = self.adapters_agree()
+        outputs = self.write_final() if self.accelerator.is_main_process else {}
+        return {"steps": run.steps, "resumed_from": self.start, "outputs": outputs, "processes": self.accelerator.num_processes,
+                "adapters_identical_across_processes": agree, "seconds_per_step": [log.seconds for log in logs]}
+
+
+def _trim(embeds: torch.Tensor) -> torch.Tensor:
+    """Drop the zero rows umT5 padding added at the end (pad_context puts them back)."""
+    rows = (embeds.abs().sum(-1) > 0).nonzero()
+    return embeds[: int(rows[-1]) + 1 if rows.numel() else 1].contiguous()
+
+
+def _cache_matches(path: str, key: str) -> bool:
+    from safetensors import safe_open
+
+    if not os.path.exists(path):
+        return False
+    with safe_open(path, "pt") as f:
+        return (f.metadata() or {}).get("key") == key

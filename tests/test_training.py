@@ -1,0 +1,111 @@
+"""`sftools train` on the tiny recipe: refusals before any work, exact resume and repeat, two
+processes holding identical adapters, and a final LoRA that `sftools sample --lora` takes."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from sftools.cli.main import main
+
+RECIPE = os.path.join(os.path.dirname(__file__), "..", "recipes", "tiny-cpu.yaml")
+FAST = ["--set", "run.checkpoint_every=2", "--set", "run.ema_start=1", "--set", "optim.critic_ratio=2"]
+
+
+def run(capsys, *args: str) -> tuple[int, str, str]:
+    old, sys.argv = sys.argv, ["sftools", *args]
+    code = 0
+    try:
+        main()
+    except SystemExit as exc:
+        code = exc.code or 0
+    finally:
+        sys.argv = old
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+def final(folder) -> dict[str, torch.Tensor]:
+    return load_file(os.path.join(folder, "final", "lora.safetensors"))
+
+
+@pytest.fixture(scope="module")
+def four_steps(tmp_path_factory):
+    out = tmp_path_factory.mktemp("train") / "straight"
+    old, sys.argv = sys.argv, ["sftools", "train", RECIPE, *FAST, "--set", "run.steps=4", "--output-dir", str(out)]
+    try:
+        main()
+    except SystemExit as exc:
+        assert not exc.code
+    finally:
+        sys.argv = old
+    return out
+
+
+def test_resuming_continues_the_run_bit_for_bit_and_more_steps_continue_it(four_steps, capsys, tmp_path):
+    half = tmp_path / "resumed"
+    assert run(capsys, "train", RECIPE, *FAST, "--set", "run.steps=2", "--output-dir", str(half))[0] == 0
+    code, out, err = run(capsys, "train", RECIPE, *FAST, "--set", "run.steps=4", "--output-dir", str(half),
+                         "--resume", str(half), "--json")
+    assert code == 0, err
+    assert json.loads(out)["resumed_from"] == 2
+    a, b = final(four_steps), final(half)
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    assert sorted(os.listdir(half / "checkpoints")) == ["step-0000002", "step-0000004"]
+
+
+def test_the_same_seed_gives_the_same_adapter_and_another_seed_another(four_steps, capsys, tmp_path):
+    again, other = tmp_path / "again", tmp_path / "other"
+    assert run(capsys, "train", RECIPE, *FAST, "--set", "run.steps=4", "--output-dir", str(again))[0] == 0
+    assert run(capsys, "train", RECIPE, *FAST, "--set", "run.steps=4", "--set", "run.seed=1", "--output-dir", str(other))[0] == 0
+    a, b, c = final(four_steps), final(again), final(other)
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    assert not all(torch.equal(a[k], c[k]) for k in a)
+    assert any(float(v.abs().max()) > 0 for k, v in a.items() if "lora_up" in k)  # the generator did move
+
+
+def test_the_final_lora_samples_with_sftools_sample(four_steps, capsys, tmp_path):
+    base = str(four_steps / "tiny-model")
+    embeds = four_steps / "cache" / "prompt_embeds.safetensors"
+    from safetensors.torch import save_file
+
+    save_file({"prompt_embeds": load_file(str(embeds))["prompt.0"]}, str(tmp_path / "p.safetensors"))
+    common = ["--prompt-embeds", str(tmp_path / "p.safetensors"), "--frames", "9", "--height", "32", "--width", "32"]
+    assert run(capsys, "sample", base, *common, "-o", str(tmp_path / "base.safetensors"))[0] == 0
+    code, _, err = run(capsys, "sample", base, "--lora", str(four_steps / "final" / "lora.safetensors"), *common,
+                       "-o", str(tmp_path / "trained.safetensors"))
+    assert code == 0, err
+    plain, trained = (load_file(str(tmp_path / n))["latents"] for n in ("base.safetensors", "trained.safetensors"))
+    assert not torch.equal(plain, trained)
+    with open(four_steps / "final" / "lora_diffusers.safetensors", "rb"):
+        pass
+
+
+@pytest.mark.parametrize("args,code,message", [
+    (["--set", "run.stepz=3"], 2, "unknown recipe key run.stepz"),
+    (["--set", "run.steps=many"], 2, "run.steps must be int"),
+    (["--set", "model.base=/nonexistent/model.safetensors"], 1, "/nonexistent/model.safetensors: no such file"),
+    (["--set", "video.frames=10"], 2, "4k+1"),
+    (["--set", "nonsense"], 2, "is not KEY=VALUE"),
+])
+def test_bad_recipes_are_refused_in_one_line_before_any_work(capsys, tmp_path, args, code, message):
+    got, _, err = run(capsys, "train", RECIPE, *args, "--output-dir", str(tmp_path / "run"))
+    assert got == code and message in err and err.count("\n") == 1, err
+    assert not (tmp_path / "run").exists()
+
+
+def test_two_cpu_processes_train_the_same_adapters(tmp_path):
+    env = {**os.environ, "CUDA_VISIBLE_DEVICES": "", "ACCELERATE_USE_CPU": "true", "OMP_NUM_THREADS": "1"}
+    r = subprocess.run([sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
+                        "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no", "-m", "sftools",
+                        "train", RECIPE, *FAST, "--set", "run.steps=2", "--output-dir", str(tmp_path / "ddp"), "--json"],
+                       capture_output=True, text=True, timeout=600, env=env)
+    assert r.returncode == 0, r.stderr[-3000:]
+    report = json.loads(r.stdout.strip().splitlines()[-1])
+    assert report["processes"] == 2 and report["adapters_identical_across_processes"] is True
