@@ -22,9 +22,22 @@ from sftools.lora.settings import ExtractSettings, RankRule
 from sftools.sampling.run import PromptSource, sample_to_file
 from sftools.sampling.settings import from_preset
 from sftools.sampling.verify import verify
+from sftools.training.config import Recipe
+from sftools.training.trainer import Trainer
 from sftools.wan.config import TINY_128
 from sftools.wan.tiny import perturbed, random_state_dict, write_checkpoint
 from sftools.wan.tiny_parts import write_tiny_text_encoder, write_tiny_vae
+
+
+# recipes/tiny-cpu.yaml with run.steps=6 (a test holds the two equal), written out so an installed
+# package needs no recipe file.
+TRAIN_RECIPE = {
+    "model": {"base": "tiny", "rank": 4},
+    "video": {"frames": 9, "height": 32, "width": 32, "frames_per_block": 3, "steps": 4, "shift": 5.0},
+    "optim": {"lr": 1e-3, "lr_critic": 1e-3, "critic_ratio": 2, "guidance": 3.0},
+    "run": {"steps": 6, "seed": 0, "ema_decay": 0.9, "ema_start": 4, "checkpoint_every": 10, "keep_checkpoints": 2,
+            "log_every": 5},
+}
 
 
 def run_demo(workdir: str, say: Callable[[str], None]) -> dict:
@@ -98,5 +111,11 @@ def run_demo(workdir: str, say: Callable[[str], None]) -> dict:
           f"at --min-psnr 30 (the base alone: {without.worst_psnr:.1f} dB, {'PASS' if without.passed else 'FAIL'})",
           "verify", pt, base, "--candidate-lora", lora_path, "--prompt", prompt.text, "--text-encoder", base,
           "--frames", "33", "--height", "64", "--width", "64", "--min-psnr", "30")
+
+    run_dir = os.path.join(workdir, "run")
+    trained = Trainer(Recipe.from_dict(TRAIN_RECIPE), run_dir).train()
+    stage(f"10. train a causal LoRA with Self Forcing (self-rollouts with the KV cache, DMD against the frozen base, a "
+          f"critic adapter) for {trained['steps']} iterations -> {trained['outputs']['comfyui']}",
+          "train", "recipes/tiny-cpu.yaml", "--set", "run.steps=6", "--output-dir", run_dir)
     return {"scan": scan, "convert": r, "convert_diffusers": r2, "inspect": info, "lora": report.to_dict(),
-            "merge_error": worst, "sample": sampled, "verify": check.to_dict()}
+            "merge_error": worst, "sample": sampled, "verify": check.to_dict(), "train": trained}

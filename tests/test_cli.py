@@ -27,10 +27,11 @@ def test_demo_runs_the_chain_and_says_what_each_step_did(tmp_path):
     r = sftools("demo", "--workdir", str(tmp_path))
     assert r.returncode == 0, r.stderr
     for step in ("1. wrote", "2. scan: torch-zip, safe", "3. convert", "4. convert --layout diffusers", "5. inspect",
-                 "6. lora extract", "7. lora merge", "8. sample", "9. verify"):
+                 "6. lora extract", "7. lora merge", "8. sample", "9. verify", "10. train"):
         assert step in r.stdout
     commands = [line.strip()[2:] for line in r.stdout.splitlines() if line.strip().startswith("$ sftools ")]
-    assert [c.split()[1] for c in commands] == ["scan", "convert", "convert", "inspect", "lora", "lora", "sample", "verify"]
+    assert [c.split()[1] for c in commands] == ["scan", "convert", "convert", "inspect", "lora", "lora", "sample", "verify",
+                                                "train"]
     assert "PASS at --min-psnr 30 (the base alone:" in r.stdout and (tmp_path / "fox.mp4").exists()
     assert f"sftools lora extract {tmp_path}/Wan2.1-T2V-tiny-Diffusers {tmp_path}/self_forcing_dmd.pt" in r.stdout
     assert (tmp_path / "sf.safetensors").exists() and (tmp_path / "sf-diffusers" / "config.json").exists()

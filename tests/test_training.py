@@ -109,3 +109,10 @@ def test_two_cpu_processes_train_the_same_adapters(tmp_path):
     assert r.returncode == 0, r.stderr[-3000:]
     report = json.loads(r.stdout.strip().splitlines()[-1])
     assert report["processes"] == 2 and report["adapters_identical_across_processes"] is True
+
+
+def test_the_demos_training_stage_runs_the_tiny_recipe():
+    from sftools.demo import TRAIN_RECIPE
+    from sftools.training.config import Recipe, load_recipe
+
+    assert Recipe.from_dict(TRAIN_RECIPE) == load_recipe(RECIPE, ["run.steps=6"])

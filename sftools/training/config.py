@@ -126,6 +126,13 @@ class Recipe:
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
 
+    @classmethod
+    def from_dict(cls, data: dict) -> "Recipe":
+        """A checked recipe from nested plain values (what the YAML file holds)."""
+        recipe = _build(cls, data, "")
+        recipe.check()
+        return recipe
+
 
 def _typed(key: str, value, kind):
     """`value` as `kind` (int, float, str, bool, their optionals, a tuple of floats), or a SettingsError."""
@@ -186,6 +193,4 @@ def load_recipe(path: str, overrides: list[str] = ()) -> Recipe:
         raise SftoolsError(f"{path}: not YAML ({str(exc).splitlines()[0]})") from None
     for assignment in overrides:
         set_override(raw, assignment)
-    recipe = _build(Recipe, raw, "")
-    recipe.check()
-    return recipe
+    return Recipe.from_dict(raw)
