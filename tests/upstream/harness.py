@@ -81,7 +81,7 @@ _WAN13B_CACHE_TOKENS = 32760
 
 _CONFIG_KEYS = ("dim", "ffn_dim", "num_heads", "num_layers", "in_dim", "out_dim", "text_dim", "freq_dim")
 # Keys of `dataclasses.asdict(sftools.wan.config.WanConfig)` that do not matter for a t2v model.
-_IGNORED_KEYS = ("image_dim", "vace_layers", "vace_in_dim")
+_IGNORED_KEYS = ("wan_version", "image_dim", "vace_layers", "vace_in_dim")
 TEXT_LEN = 512
 
 _lock = threading.RLock()
