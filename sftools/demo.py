@@ -14,6 +14,7 @@ import torch
 from safetensors.torch import load_file
 
 from sftools.convert import convert_model
+from sftools.errors import SftoolsError
 from sftools.inspection import inspect_file
 from sftools.io.scan import scan_file
 from sftools.lora.extract import extract_to_file
@@ -43,6 +44,9 @@ TRAIN_RECIPE = {
 def run_demo(workdir: str, say: Callable[[str], None]) -> dict:
     """Write a tiny base and a Self Forcing-style `.pt` distilled from it, scan and convert the `.pt`
     both ways, inspect, extract a LoRA from the pair, merge it back and measure what it recovers."""
+    if os.path.isdir(workdir) and os.listdir(workdir):
+        raise SftoolsError(f"{workdir}: the demo writes into an empty or new folder (this one holds "
+                           f"{sorted(os.listdir(workdir))[0]}, ...)")
     os.makedirs(workdir, exist_ok=True)
 
     def stage(text: str, *command: str) -> None:
@@ -51,7 +55,7 @@ def run_demo(workdir: str, say: Callable[[str], None]) -> dict:
             say("   $ sftools " + " ".join(shlex.quote(c) for c in command))
 
     base_state = random_state_dict(TINY_128, seed=0)
-    tuned_state = perturbed(base_state, rank=4)
+    tuned_state = perturbed(base_state, rank=4, scale=0.2)
     base = write_checkpoint(os.path.join(workdir, "Wan2.1-T2V-tiny-Diffusers"), base_state, "diffusers", TINY_128)
     write_tiny_text_encoder(base, text_dim=TINY_128.text_dim)
     write_tiny_vae(base)

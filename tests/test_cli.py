@@ -32,7 +32,10 @@ def test_demo_runs_the_chain_and_says_what_each_step_did(tmp_path):
     commands = [line.strip()[2:] for line in r.stdout.splitlines() if line.strip().startswith("$ sftools ")]
     assert [c.split()[1] for c in commands] == ["scan", "convert", "convert", "inspect", "lora", "lora", "sample", "verify",
                                                 "train"]
-    assert "PASS at --min-psnr 30 (the base alone:" in r.stdout and (tmp_path / "fox.mp4").exists()
+    assert "PASS at --min-psnr 30 (the base alone:" in r.stdout and "dB, FAIL)" in r.stdout
+    assert (tmp_path / "fox.mp4").exists()
+    again = sftools("demo", "--workdir", str(tmp_path))  # never over what is there
+    assert again.returncode == 1 and "empty or new folder" in again.stderr
     assert f"sftools lora extract {tmp_path}/Wan2.1-T2V-tiny-Diffusers {tmp_path}/self_forcing_dmd.pt" in r.stdout
     assert (tmp_path / "sf.safetensors").exists() and (tmp_path / "sf-diffusers" / "config.json").exists()
     assert (tmp_path / "sf_lora_rank8.safetensors").exists() and (tmp_path / "base_plus_lora.safetensors").exists()
@@ -74,6 +77,7 @@ def test_user_mistakes_get_one_line_and_exit_1(sf_pt, tmp_path, args, message):
     ["lora", "extract", "{pt}", "{pt}", "-o", "{dir}/o.safetensors", "--rank", "0"],
     ["lora", "extract", "{pt}", "{pt}", "-o", "{dir}/o.safetensors", "--energy", "1.5"],
     ["lora", "extract", "{pt}", "{pt}", "-o", "{dir}/o.safetensors", "--report", "{dir}/o.safetensors"],
+    ["lora", "extract", "{pt}", "{pt}", "-o", "{dir}/o.safetensors", "--report", "{pt}"],
     ["lora", "resize", "{pt}", "-o", "{dir}/o.safetensors"],
 ])
 def test_usage_errors_exit_2_before_any_work(sf_pt, tmp_path, args):

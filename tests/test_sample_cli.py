@@ -92,7 +92,7 @@ def test_an_mp4_is_decoded_block_by_block_from_a_text_prompt(parts, capsys, tmp_
 def test_long_videos_roll_the_cache_and_without_a_window_are_refused_clearly(parts, capsys, tmp_path):
     args = ["sample", parts["pt"], "--prompt-embeds", parts["embeds"], "--frames", "97", *SIZE]
     code, _, err = run(capsys, *args, "-o", str(tmp_path / "a.safetensors"))
-    assert code == 1 and err.count("\n") == 1 and "holds 21 latent frames" in err and "--local-attn-frames" in err
+    assert code == 2 and err.count("\n") == 1 and "the KV cache holds 21" in err and "--local-attn-frames" in err
     assert not (tmp_path / "a.safetensors").exists()
     code, _, err = run(capsys, *args, "--local-attn-frames", "9", "--sink-frames", "3", "-o", str(tmp_path / "b.safetensors"))
     assert code == 0, err
@@ -110,7 +110,7 @@ def test_verify_passes_a_model_against_itself_and_its_conversion_and_fails_a_per
 @pytest.mark.parametrize("extra,code,message", [
     (["--frames", "80"], 2, "4k+1"),
     (["--height", "40"], 2, "multiple of 16"),
-    (["--local-attn-frames", "2"], 2, "must exceed the block"),
+    (["--local-attn-frames", "2"], 2, "must be more than the block"),
     (["--frames-per-block", "x"], 2, "'all'"),
     (["--steps", "0"], 2, "--steps must be"),
     (["--noise", "{embeds}"], 1, "has no tensor 'noise'"),
@@ -119,6 +119,8 @@ def test_verify_passes_a_model_against_itself_and_its_conversion_and_fails_a_per
     (["-o", "{dir}/x.png"], 2, "name a .safetensors file"),
     (["-o", "{pt}"], 2, "name a .safetensors file"),
     (["-o", "{embeds}"], 1, "is the input"),
+    (["--device", "tpu"], 2, "is not one of auto, cpu, cuda"),
+    (["--device", "cuda:3"], 1, "CUDA device(s)"),
     (["--text-encoder", "{dir}"], 2, "not both"),
 ])
 def test_bad_sampling_input_is_one_line_and_no_output(parts, capsys, tmp_path, extra, code, message):
@@ -133,6 +135,27 @@ def test_bad_sampling_input_is_one_line_and_no_output(parts, capsys, tmp_path, e
                       *extra, *output)
     assert got == code and message.format(**fill) in err, err
     assert "Traceback" not in err and sorted(os.listdir(tmp_path)) == before
+
+
+@pytest.mark.parametrize("output", ["{pipeline}/diffusion_pytorch_model.safetensors", "{pipeline}/vae/out.safetensors",
+                                    "{pipeline}/text_encoder/out.safetensors", "{pipeline}/new.safetensors"])
+def test_an_output_inside_any_input_folder_is_refused(parts, capsys, output):
+    out = output.format(**parts)
+    before = sorted(os.listdir(parts["pipeline"]))
+    code, _, err = run(capsys, "sample", parts["pipeline"], "--prompt", "a fox", "--text-encoder", parts["pipeline"],
+                       "--vae", parts["pipeline"], "--frames", "5", *SIZE, "-o", out)
+    assert code == 1 and ("lies inside the input folder" in err or "is the input" in err), err
+    assert sorted(os.listdir(parts["pipeline"])) == before
+
+
+def test_an_image_model_is_refused_before_any_work(capsys, tmp_path, parts):
+    from sftools.wan.config import PRESETS as MODELS
+
+    i2v = write_checkpoint(str(tmp_path / "i2v.safetensors"), random_state_dict(MODELS["tiny-i2v"]), "original",
+                           MODELS["tiny-i2v"])
+    code, _, err = run(capsys, "sample", i2v, "--prompt-embeds", parts["embeds"], "--frames", "5", *SIZE,
+                       "-o", str(tmp_path / "o.safetensors"))
+    assert code == 1 and "the sampler takes Wan 2.1 T2V" in err
 
 
 def test_the_command_line_offers_exactly_the_presets_the_library_has():

@@ -15,6 +15,7 @@ import json
 import logging
 import os
 import shutil
+import socket
 import sys
 import zlib
 from typing import Iterable, Iterator, Mapping
@@ -40,17 +41,30 @@ def _real(path: str) -> str:
     return os.path.realpath(os.path.abspath(path))
 
 
+
+def _spellings(path: str) -> set[str]:
+    """The absolute path as written and with every link resolved: a folder reached through a link
+    (the Hugging Face cache's snapshots) holds its files under both."""
+    return {os.path.abspath(path), _real(path)}
+
+
+def _inside(path: str, folder: str) -> bool:
+    return any(p.startswith(f.rstrip(os.sep) + os.sep) for p in _spellings(path) for f in _spellings(folder))
+
+
 def refuse_overwrite(output: str, inputs: Iterable[str], is_dir: bool = False) -> None:
     """Refuse an output that is one of the inputs, however spelled (`./x`, a symlink, a hard link),
-    or a folder output that holds one: writing it would destroy what is being read."""
-    out = _real(output)
+    a folder output that holds one, or an output inside an input folder: writing it would destroy
+    or change what is being read."""
     for path in inputs:
-        src = _real(path)
-        same = out == src or (os.path.exists(output) and os.path.exists(path) and os.path.samefile(output, path))
-        inside = (is_dir or os.path.isdir(output)) and src.startswith(out.rstrip(os.sep) + os.sep)
-        if same or inside:
-            what = "is" if same else "holds"
-            raise SftoolsError(f"{output}: {what} the input {path}; write the output somewhere else")
+        same = bool(_spellings(output) & _spellings(path)) or \
+            (os.path.exists(output) and os.path.exists(path) and os.path.samefile(output, path))
+        if same:
+            raise SftoolsError(f"{output}: is the input {path}; write the output somewhere else")
+        if (is_dir or os.path.isdir(output)) and _inside(path, output):
+            raise SftoolsError(f"{output}: holds the input {path}; write the output somewhere else")
+        if os.path.isdir(path) and _inside(output, path):
+            raise SftoolsError(f"{output}: lies inside the input folder {path}; write the output somewhere else")
 
 
 def check_file_name(output: str) -> None:
@@ -78,10 +92,15 @@ def check_output_file(output: str, inputs: Iterable[str] = ()) -> None:
     check_file_name(output)
 
 
+def _crc(text: str) -> str:
+    return f"{zlib.crc32(text.encode('utf-8', 'surrogateescape')):08x}"
+
+
 def _temp_stem(dst: str) -> str:
-    """`.sftools-<crc32 of the name>`: short whatever the name's length, the same for every run."""
-    base = os.path.basename(os.path.normpath(dst))
-    return f".sftools-{zlib.crc32(base.encode('utf-8', 'surrogateescape')):08x}"
+    """`.sftools-<crc32 of the name>-<crc32 of this host>`: short whatever the name's length, the
+    same for every run on this machine. Only this host's pids can be checked for life, so only its
+    temporaries are ever removed (a shared folder may hold another machine's live ones)."""
+    return f".sftools-{_crc(os.path.basename(os.path.normpath(dst)))}-{_crc(socket.gethostname())}"
 
 
 def _alive(pid: int) -> bool:
@@ -119,7 +138,7 @@ def atomic_target(dst: str, is_dir: bool = False, own_names: Iterable[str] = ())
     else:
         check_destination(dst)
     remove_stale_temporaries(dst)
-    tmp = os.path.join(parent, f"{_temp_stem(dst)}-{os.getpid()}.tmp")
+    tmp = os.path.join(parent, f"{_temp_stem(dst)}-{os.getpid()}.tmp")  # 36 bytes at most beside any name
     try:
         if is_dir:
             os.mkdir(tmp)

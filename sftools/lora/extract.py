@@ -235,6 +235,8 @@ def extract_experts_to_folder(base_path: str, tuned_path: str, folder: str, sett
 def _check_form_and_report(form: str, report_path: str | None, outputs: list[str]) -> None:
     if form not in FORMS:
         raise SftoolsError(f"LoRA form {form!r} is not one of {', '.join(FORMS)}")
+    if report_path and not report_path.endswith(".json"):
+        raise SettingsError(f"--report {report_path}: name a .json file (the report is JSON)")
     if report_path and any(os.path.realpath(report_path) == os.path.realpath(o) for o in outputs):
         raise SettingsError(f"--report {report_path} must name a file other than the output")
 

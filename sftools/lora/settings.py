@@ -10,12 +10,12 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass, field
 
+from sftools.devices import check_device_name
 from sftools.errors import SettingsError
 from sftools.io.dtypes import DTYPE_CHOICES
 
 RANK_MODES = ("fixed", "energy")
 SVD_METHODS = ("randomized", "exact")
-DEVICE = re.compile(r"auto|cpu|cuda(:\d+)?")
 
 
 def _choice(option: str, value: str, choices: tuple[str, ...]) -> None:
@@ -100,8 +100,7 @@ class ExtractSettings:
     dtype: str = "bf16"  # of the written factors; keep = the tuned model's dtype
 
     def __post_init__(self) -> None:
-        if not DEVICE.fullmatch(self.device):
-            raise SettingsError(f"--device {self.device!r} is not one of auto, cpu, cuda, cuda:N")
+        check_device_name(self.device)
         _choice("--dtype", self.dtype, DTYPE_CHOICES)
         if self.rank.rank is None:
             raise SettingsError("extraction needs --rank (the rank, or the cap in energy mode)")

@@ -44,7 +44,7 @@ class CausalState:
     start_frame: int = 0
     branch: str = "cond"
     self_kv: dict[str, list[LayerCache]] = field(default_factory=dict)
-    cross_kv: dict[str, list[tuple[torch.Tensor, torch.Tensor] | None]] = field(default_factory=dict)
+    cross_kv: dict[str, list[tuple[tuple, torch.Tensor, torch.Tensor] | None]] = field(default_factory=dict)
 
     def layer(self, index: int) -> LayerCache:
         if self.branch not in self.self_kv:
@@ -110,10 +110,12 @@ class CachedCrossAttnProcessor:
         if not self.state.active or attn.add_k_proj is not None or torch.is_grad_enabled():
             return self.default(attn, hidden_states, encoder_hidden_states, attention_mask, rotary_emb)
         slots = self.state.cross_slots()
-        if slots[self.index] is None:
+        # Keyed by the context itself: another prompt in the same video and branch gets fresh K/V.
+        context_id = (encoder_hidden_states.data_ptr(), tuple(encoder_hidden_states.shape), encoder_hidden_states._version)
+        if slots[self.index] is None or slots[self.index][0] != context_id:
             key = _heads(attn.norm_k(attn.to_k(encoder_hidden_states)), attn.heads)
-            slots[self.index] = (key, _heads(attn.to_v(encoder_hidden_states), attn.heads))
-        key, value = slots[self.index]
+            slots[self.index] = (context_id, key, _heads(attn.to_v(encoder_hidden_states), attn.heads))
+        _, key, value = slots[self.index]
         query = _heads(attn.norm_q(attn.to_q(hidden_states)), attn.heads)
         out = dispatch_attention_fn(query, key, value, attn_mask=None, dropout_p=0.0, is_causal=False,
                                     backend=self._attention_backend)
@@ -122,14 +124,16 @@ class CachedCrossAttnProcessor:
 
 
 class RopeOffsetHook(ModelHook):
-    """Positions of a causal call start at the block's absolute frame; others at 0 as in diffusers."""
+    """Positions of a causal call start at the block's absolute frame; other calls run diffusers' own."""
 
     def __init__(self, state: CausalState) -> None:
         super().__init__()
         self.state = state
 
     def new_forward(self, rope, hidden_states: torch.Tensor):
-        offset = self.state.start_frame if self.state.active else 0
+        if not self.state.active:
+            return self.fn_ref.original_forward(hidden_states)
+        offset = self.state.start_frame
         _, _, frames, height, width = hidden_states.shape
         p_t, p_h, p_w = rope.patch_size
         f, h, w = frames // p_t, height // p_h, width // p_w

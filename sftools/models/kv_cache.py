@@ -67,9 +67,9 @@ class LayerCache:
                 buf[:, sink:sink + kept] = buf[:, sink + evicted:sink + evicted + kept].clone()
             local_end -= evicted
         if local_end > size:
-            frames = end // self.spec.frame_tokens
-            raise SftoolsError(f"the KV cache holds {self.spec.capacity_frames} latent frames and frame {frames} "
-                               "does not fit; roll it with --local-attn-frames, or raise --cache-frames")
+            first, last = start // self.spec.frame_tokens, end // self.spec.frame_tokens - 1
+            raise SftoolsError(f"the KV cache holds {self.spec.capacity_frames} latent frames and frames {first}-{last} "
+                               "do not fit; roll it with --local-attn-frames, or raise --cache-frames")
         if torch.is_grad_enabled() and k.requires_grad:
             # Training: the block's own K/V keep their gradient, the stored history carries none
             # (Self Forcing refreshes it without gradients), and the buffer is never part of a graph.

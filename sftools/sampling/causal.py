@@ -21,10 +21,8 @@ import torch
 from sftools.models.causal_wan import CausalWanModel
 from sftools.models.kv_cache import CacheSpec
 from sftools.sampling.schedules import Step, few_step_schedule
-from sftools.sampling.settings import SampleSettings
+from sftools.sampling.settings import TEXT_LEN, SampleSettings
 from sftools.wan.config import WanConfig
-
-TEXT_LEN = 512  # umT5 context rows; Wan attends over all of them, padding included
 
 
 class Noise(Protocol):
@@ -67,31 +65,40 @@ class CausalSampler:
     def __init__(self, model: CausalWanModel, config: WanConfig, settings: SampleSettings) -> None:
         self.model, self.config, self.settings = model, config, settings
         self.schedule: list[Step] = few_step_schedule(settings.steps, settings.shift, settings.warp)
+        # One block (bidirectional models, or a video that fits one block) needs no cache at all.
+        self.one_block = len(blocks(settings)) == 1
+
+    def _call(self, x: torch.Tensor, timestep: torch.Tensor, context: torch.Tensor, start: int, branch: str):
+        if self.one_block:
+            return self.model.bidirectional(x, timestep, context)
+        return self.model(x, timestep, context, start, branch)
 
     def _flow(self, x: torch.Tensor, t: float, start: int, context: torch.Tensor,
               negative: torch.Tensor | None) -> torch.Tensor:
         timestep = torch.full((x.shape[0],), t, device=x.device, dtype=torch.float32)
-        cond = self.model(x, timestep, context, start, "cond")
+        cond = self._call(x, timestep, context, start, "cond")
         if negative is None:
             return cond
-        uncond = self.model(x, timestep, negative, start, "uncond")
+        uncond = self._call(x, timestep, negative, start, "uncond")
         return uncond + self.settings.cfg * (cond - uncond)
 
     @torch.no_grad()
     def sample(self, context: torch.Tensor, noise: Noise, negative: torch.Tensor | None = None,
-               on_block: Callable[[BlockDone], None] | None = None) -> torch.Tensor:
-        """The final latents [1, C, T, h, w]. `context` / `negative` are [1, tokens, text_dim]
+               on_block: Callable[[BlockDone], None] | None = None, keep: bool = True) -> torch.Tensor | None:
+        """The final latents [1, C, T, h, w] (None with `keep` False: each block goes to `on_block`
+        only, so nothing grows with the video). `context` / `negative` are [1, tokens, text_dim]
         prompt embeddings (padded here); `negative` is used only with cfg > 1."""
         s = self.settings
-        param = next(self.model.parameters())
-        device, dtype = param.device, param.dtype
+        # The patch embedding has the model's dtype (norms and modulation tables stay fp32).
+        weight = self.model.transformer.patch_embedding.weight
+        device, dtype = weight.device, weight.dtype
         context = pad_context(context).to(device, dtype)
         negative = pad_context(negative).to(device, dtype) if negative is not None and s.cfg != 1 else None
         if s.cfg != 1 and negative is None:
             raise ValueError("cfg != 1 needs negative prompt embeddings")
         self.model.reset(cache_spec(s))
         h, w = s.latent_size
-        out = torch.empty(1, self.config.out_dim, s.latent_frames, h, w, device=device, dtype=dtype)
+        out = torch.empty(1, self.config.out_dim, s.latent_frames, h, w, dtype=torch.float32) if keep else None
         plan = blocks(s)
         for index, (start, frames) in enumerate(plan):
             began = time.perf_counter()
@@ -102,9 +109,12 @@ class CausalSampler:
                 if i + 1 < len(self.schedule):
                     sigma = self.schedule[i + 1].sigma
                     x = (1 - sigma) * x0 + sigma * noise.renoise(i, start, frames).to(device, dtype)
-            out[:, :, start:start + frames] = x0
+            if out is not None:
+                out[:, :, start:start + frames] = x0.float().cpu()
             if index + 1 < len(plan):  # the last block's clean K/V would serve no later block
                 self._flow(x0, 0.0, start, context, negative)
+            if device.type == "cuda":
+                torch.cuda.synchronize(device)  # so the seconds per block are the GPU's, not the launch's
             if on_block:
                 on_block(BlockDone(index, start, x0, time.perf_counter() - began))
         return out

@@ -10,12 +10,15 @@ modulation tables, the time embedder) stay fp32 when a 16-bit dtype is asked for
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 from accelerate import init_empty_weights
 from diffusers import WanTransformer3DModel
 
 from sftools.errors import SftoolsError
-from sftools.lora.forms import read_lora_file
+from sftools.io.lazy import Checkpoint
+from sftools.lora.forms import Lora, read_lora_file
 from sftools.lora.keys import refuse_lora
 from sftools.lora.merge import check_fits, merged_tensors
 from sftools.wan.config import WanConfig, diffusers_config
@@ -28,24 +31,45 @@ def default_dtype(device: torch.device) -> torch.dtype:
     return torch.bfloat16 if device.type == "cuda" else torch.float32
 
 
-def load_transformer(path: str, loras: list[tuple[str, float]] = (), select: str | None = None,
-                     device: torch.device = torch.device("cpu"), dtype: torch.dtype = torch.float32,
-                     ) -> tuple[WanTransformer3DModel, WanConfig]:
-    """The model at `path` (any form sftools reads) plus each LORA x STRENGTH, ready to run."""
+@dataclass
+class ModelPlan:
+    """A model opened for sampling: its lazy tensors, config and checked LoRAs; nothing loaded yet."""
+
+    checkpoint: Checkpoint
+    config: WanConfig
+    loras: list[tuple[Lora, float]]
+
+    @property
+    def files(self) -> list[str]:
+        return [*self.checkpoint.files, *(f for lora, _ in self.loras for f in lora.files)]
+
+
+def plan_model(path: str, loras: list[tuple[str, float]] = (), select: str | None = None) -> ModelPlan:
+    """Open the model and its LoRAs and check everything the sampler needs, before any weight is
+    read: minutes of text encoding or loading are never spent on a model that cannot run."""
     ckpt = load_model(path, select, layout="original", dequant=True)
     refuse_lora(path, ckpt.tensors)
     config = model_config(ckpt)
-    if config.model_type not in ("t2v", "i2v", "flf2v"):
-        raise SftoolsError(f"{path}: is a {config.model_type} model; sample takes Wan 2.1 T2V/I2V transformers")
+    if config.model_type != "t2v" or config.wan_version != "2.1":
+        raise SftoolsError(f"{path}: is a Wan {config.wan_version} {config.model_type} model; the sampler takes Wan 2.1 "
+                           "T2V transformers (Self Forcing, CausVid, lightx2v's T2V models), with no image input")
     shapes = {n: t.shape for n, t in ckpt.tensors.items()}
     loaded = []
     for lora_path, strength in loras:
         lora = read_lora_file(lora_path)
         check_fits(lora_path, lora, shapes, path)
         loaded.append((lora, strength))
-    tensors = merged_tensors(ckpt, loaded, None)
+    return ModelPlan(ckpt, config, loaded)
+
+
+def load_transformer(path: str | ModelPlan, loras: list[tuple[str, float]] = (), select: str | None = None,
+                     device: torch.device = torch.device("cpu"), dtype: torch.dtype = torch.float32,
+                     ) -> tuple[WanTransformer3DModel, WanConfig]:
+    """The model at `path` (any form sftools reads, or a plan of it) plus each LORA x STRENGTH, ready to run."""
+    plan = path if isinstance(path, ModelPlan) else plan_model(path, loras, select)
+    tensors = merged_tensors(plan.checkpoint, plan.loras, None)
     names = original_to_diffusers(tensors)
-    settings = {k: v for k, v in diffusers_config(config).items() if not k.startswith("_")}
+    settings = {k: v for k, v in diffusers_config(plan.config).items() if not k.startswith("_")}
     settings.pop("vace_layers", None), settings.pop("vace_in_channels", None)
     with init_empty_weights(include_buffers=False):
         model = WanTransformer3DModel(**settings)
@@ -57,4 +81,4 @@ def load_transformer(path: str, loras: list[tuple[str, float]] = (), select: str
         state[target] = lazy.load().to(device=device, dtype=wanted)
     model.load_state_dict(state, strict=True, assign=True)
     model.rope.to(device)  # its tables are buffers built at construction, on the CPU
-    return model.eval().requires_grad_(False), config
+    return model.eval().requires_grad_(False), plan.config

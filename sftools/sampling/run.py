@@ -16,8 +16,8 @@ from sftools.errors import SettingsError, SftoolsError
 from sftools.io.output import check_destination, refuse_overwrite
 from sftools.models.causal_wan import CausalWanModel
 from sftools.sampling.causal import BlockDone, CausalSampler
-from sftools.devices import resolve_device
-from sftools.sampling.load import default_dtype, load_transformer
+from sftools.devices import check_device_name, resolve_device
+from sftools.sampling.load import ModelPlan, default_dtype, load_transformer, plan_model
 from sftools.sampling.noise import FileNoise, SeededNoise
 from sftools.sampling.settings import SampleSettings
 from sftools.sampling.text import encode_prompts, load_prompt_embeds
@@ -48,6 +48,9 @@ class Runtime:
     device: str = "auto"  # auto | cpu | cuda | cuda:N
     dtype: str | None = None  # bf16 | fp16 | fp32; None: bf16 on a GPU, fp32 on the CPU
 
+    def __post_init__(self) -> None:
+        check_device_name(self.device)
+
     def resolve(self) -> tuple[torch.device, torch.dtype]:
         from sftools.io.dtypes import torch_dtype
 
@@ -72,21 +75,17 @@ def prompt_embeddings(prompt: PromptSource, device: torch.device, dtype: torch.d
     return encode_prompts(prompt.text_encoder, prompt.text, prompt.negative, device, dtype)
 
 
-def generate(model_path: str, settings: SampleSettings, context: torch.Tensor, negative: torch.Tensor | None,
+def generate(model: str | ModelPlan, settings: SampleSettings, context: torch.Tensor, negative: torch.Tensor | None,
              loras=(), select: str | None = None, noise_file: str | None = None,
              device: torch.device = torch.device("cpu"), dtype: torch.dtype = torch.float32,
-             on_block=None) -> torch.Tensor:
-    """The final latents of one run; the model is freed before returning."""
-    transformer, config = load_transformer(model_path, list(loras), select, device, dtype)
-    if context.shape[-1] != config.text_dim:
-        raise SftoolsError(f"prompt embeddings are {context.shape[-1]} wide; {model_path} takes {config.text_dim}")
-    if settings.cfg != 1 and negative is None:
-        raise SettingsError("--cfg other than 1 needs --negative-prompt or negative_prompt_embeds")
+             on_block=None, keep: bool = True) -> torch.Tensor | None:
+    """The final latents of one run (None with `keep` False); the model is freed before returning."""
+    transformer, config = load_transformer(model, list(loras), select, device, dtype)
     h, w = settings.latent_size
     shape = (1, config.out_dim, settings.latent_frames, h, w)
     noise = FileNoise(noise_file, settings.steps, shape) if noise_file else SeededNoise(settings.seed, config.out_dim, h, w)
     sampler = CausalSampler(CausalWanModel(transformer), config, settings)
-    latents = sampler.sample(context, noise, negative, on_block).float().cpu()
+    latents = sampler.sample(context, noise, negative, on_block, keep)
     del sampler, transformer
     gc.collect()
     return latents
@@ -104,12 +103,24 @@ def check_output(output: str, inputs: list[str], vae: str | None) -> str:
     return "mp4" if kind == ".mp4" else "latents"
 
 
+def check_embeddings(plan: ModelPlan, settings: SampleSettings, context: torch.Tensor,
+                     negative: torch.Tensor | None) -> None:
+    if context.shape[-1] != plan.config.text_dim:
+        raise SftoolsError(f"prompt embeddings are {context.shape[-1]} wide; the model takes {plan.config.text_dim}")
+    if settings.cfg != 1 and negative is None:
+        raise SettingsError("--cfg other than 1 needs --negative-prompt or negative_prompt_embeds")
+
+
 def sample_to_file(model_path: str, output: str, settings: SampleSettings, prompt: PromptSource,
                    loras: list[tuple[str, float]] = (), select: str | None = None, noise_file: str | None = None,
                    vae: str | None = None, runtime: Runtime = Runtime(), on_block=None) -> SampleReport:
-    kind = check_output(output, [model_path, noise_file, prompt.embeds_file, *(p for p, _ in loras)], vae)
+    inputs = [model_path, noise_file, prompt.embeds_file, prompt.text_encoder, vae, *(p for p, _ in loras)]
+    kind = check_output(output, inputs, vae)
+    plan = plan_model(model_path, list(loras), select)
+    check_output(output, plan.files, vae)
     device, dtype = runtime.resolve()
     context, negative = prompt_embeddings(prompt, device, dtype)
+    check_embeddings(plan, settings, context, negative)
     report = SampleReport(model_path, output, settings.frames, settings.latent_frames,
                           settings=dataclasses.asdict(settings))
 
@@ -123,10 +134,11 @@ def sample_to_file(model_path: str, output: str, settings: SampleSettings, promp
     if kind == "mp4":
         decoder = StreamingDecoder(vae, device, dtype)
         with Mp4Writer(output) as writer:
-            generate(model_path, settings, context, negative, loras, select, noise_file, device, dtype,
-                     lambda b: done(b, writer, decoder))
+            generate(plan, settings, context, negative, noise_file=noise_file, device=device, dtype=dtype,
+                     on_block=lambda b: done(b, writer, decoder), keep=False)
     else:
-        latents = generate(model_path, settings, context, negative, loras, select, noise_file, device, dtype, done)
+        latents = generate(plan, settings, context, negative, noise_file=noise_file, device=device, dtype=dtype,
+                           on_block=done)
         write_latents(output, latents, {"sftools.source": os.path.basename(os.path.normpath(model_path)),
                                         "sftools.version": __version__})
     return report

@@ -10,7 +10,9 @@ from dataclasses import dataclass, replace
 
 from sftools.errors import SettingsError
 
-VAE_TIME_STRIDE, VAE_SPACE_STRIDE, TOKEN_AREA = 4, 8, 16  # Wan 2.1 VAE (4, 8, 8) and 2x2 patches: 16 px per token side
+VAE_TIME_STRIDE, VAE_SPACE_STRIDE, TOKEN_STRIDE = 4, 8, 16  # Wan 2.1 VAE (4, 8, 8) and 2x2 patches: 16 px per token side
+TEXT_LEN = 512  # umT5 context rows; Wan attends over all of them, padding included
+ROPE_FRAMES = 1024  # rows of Wan's RoPE table: the last latent frame position there is
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -32,7 +34,7 @@ class SampleSettings:
         if self.frames < 1 or (self.frames - 1) % VAE_TIME_STRIDE:
             raise SettingsError(f"--frames must be of the form 4k+1 (81, 161, ...), got {self.frames}")
         for name, value in (("--height", self.height), ("--width", self.width)):
-            if value < TOKEN_AREA or value % TOKEN_AREA:
+            if value < TOKEN_STRIDE or value % TOKEN_STRIDE:
                 raise SettingsError(f"{name} must be a positive multiple of 16, got {value}")
         if self.frames_per_block is not None and self.frames_per_block < 1:
             raise SettingsError(f"--frames-per-block must be at least 1 or 'all', got {self.frames_per_block}")
@@ -40,15 +42,22 @@ class SampleSettings:
             raise SettingsError(f"--steps must be in 1..1000, got {self.steps}")
         if not 0 < self.shift < 1000 or not self.cfg >= 0:
             raise SettingsError(f"--shift must be positive and --cfg >= 0, got {self.shift} and {self.cfg}")
-        if self.local_attn_frames is not None:
-            block = self.frames_per_block or self.latent_frames
-            if self.local_attn_frames < block + self.sink_frames or self.local_attn_frames <= block:
-                raise SettingsError(f"--local-attn-frames ({self.local_attn_frames}) must exceed the block "
-                                    f"({block} frames) plus --sink-frames ({self.sink_frames})")
-        elif self.sink_frames:
-            raise SettingsError("--sink-frames needs --local-attn-frames (sinks are kept by the rolling window)")
         if self.sink_frames < 0 or (self.cache_frames is not None and self.cache_frames < 1):
             raise SettingsError("--sink-frames must be >= 0 and --cache-frames >= 1")
+        block = self.frames_per_block or self.latent_frames
+        if self.local_attn_frames is not None:
+            if self.local_attn_frames < block + self.sink_frames or self.local_attn_frames <= block:
+                raise SettingsError(f"--local-attn-frames ({self.local_attn_frames}) must be more than the block "
+                                    f"({block} frames) and at least the block plus --sink-frames ({self.sink_frames})")
+        elif self.sink_frames:
+            raise SettingsError("--sink-frames needs --local-attn-frames (sinks are kept by the rolling window)")
+        elif self.cache_frames is not None and self.latent_frames > self.cache_frames and self.latent_frames > block:
+            raise SettingsError(f"--frames {self.frames} needs {self.latent_frames} latent frames and the KV cache holds "
+                                f"{self.cache_frames}; roll it with --local-attn-frames (e.g. {self.cache_frames}) "
+                                "and --sink-frames, or raise --cache-frames")
+        if self.latent_frames > ROPE_FRAMES:
+            raise SettingsError(f"--frames {self.frames} needs {self.latent_frames} latent frames; Wan's RoPE table "
+                                f"positions {ROPE_FRAMES} (4093 video frames)")
 
     @property
     def latent_frames(self) -> int:
@@ -60,7 +69,7 @@ class SampleSettings:
 
     @property
     def frame_tokens(self) -> int:
-        return (self.height // TOKEN_AREA) * (self.width // TOKEN_AREA)
+        return (self.height // TOKEN_STRIDE) * (self.width // TOKEN_STRIDE)
 
 
 PRESETS: dict[str, dict] = {

@@ -17,8 +17,8 @@ import torch
 
 from sftools.errors import SftoolsError
 from sftools.io.sources import open_checkpoint
+from sftools.sampling.settings import TEXT_LEN as MAX_TOKENS
 
-MAX_TOKENS = 512  # Wan 2.1's text length; every prompt is padded to it
 TOKENIZER_FILES = ("tokenizer.json", "spiece.model", "tokenizer_config.json")
 
 
@@ -54,9 +54,14 @@ def _load_encoder(folder: str, dtype: torch.dtype) -> torch.nn.Module:
         raise SftoolsError(f"{folder}/config.json: model_type {model_type!r} is not a T5/umT5 text encoder; "
                            "pass --text-encoder a Wan diffusers folder")
     try:
-        return classes[model_type].from_pretrained(folder, local_files_only=True, dtype=dtype).eval()
-    except (OSError, ValueError) as exc:
+        model, info = classes[model_type].from_pretrained(folder, local_files_only=True, dtype=dtype,
+                                                          output_loading_info=True)
+    except Exception as exc:  # transformers raises many types for broken folders; all are one line here
         raise SftoolsError(f"{folder}: cannot load the text encoder ({str(exc).splitlines()[0]})") from None
+    if info.get("missing_keys"):  # transformers would fill them with random values and go on
+        raise SftoolsError(f"{folder}: the text encoder's weights lack {info['missing_keys'][0]} "
+                           f"({len(info['missing_keys'])} missing); is this the umT5 of a Wan model?")
+    return model.eval()
 
 
 def encode_prompts(text_encoder_dir: str, prompt: str, negative_prompt: str | None, device: torch.device,

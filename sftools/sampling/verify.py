@@ -3,7 +3,7 @@
 Both are sampled with the same settings, prompt embeddings and draws; then frame by frame the PSNR
 and the cosine similarity of the candidate against the reference. Without a VAE the latent frames
 are compared, with peak = the reference's largest |value| over the video; with one, the decoded
-pixel frames, with peak 255.
+pixel frames (a PSNR of 8-bit pixels with peak 255, computed on [-1, 1] with peak 2).
 """
 
 from __future__ import annotations
@@ -13,9 +13,13 @@ from dataclasses import dataclass, field
 
 import torch
 
-from sftools.sampling.run import PromptSource, Runtime, generate, prompt_embeddings
+from sftools.io.formats import sniff
+from sftools.sampling.load import plan_model
+from sftools.sampling.run import PromptSource, Runtime, check_embeddings, generate, prompt_embeddings
 from sftools.sampling.settings import SampleSettings
 from sftools.sampling.video import StreamingDecoder
+
+DECODE_BLOCK = 3  # latent frames decoded at a time (12 pixel frames)
 
 
 @dataclass
@@ -49,21 +53,38 @@ def frame_metrics(reference: torch.Tensor, candidate: torch.Tensor, peak: float)
     return psnr, cosine
 
 
-def decode_all(vae: str, latents: torch.Tensor, device, dtype) -> torch.Tensor:
-    decoder = StreamingDecoder(vae, device, dtype)
-    return torch.cat([decoder.decode(latents[:, :, i:i + 3]) for i in range(0, latents.shape[2], 3)])
+def _select_for(path: str, select: str | None) -> str | None:
+    """--select names a sub-dict of a pickled training checkpoint; files without sub-dicts ignore it."""
+    return select if select and sniff(path) in ("torch-zip", "pickle") else None
+
+
+def compare_pixels(vae: str, reference: torch.Tensor, candidate: torch.Tensor, device, dtype) -> tuple[list, list]:
+    """Decode both videos a block at a time and compare each pixel frame as it comes (peak 255;
+    cosine of the frames centred on mid-grey, so it tells images apart): memory stays one block."""
+    decoders = [StreamingDecoder(vae, device, dtype) for _ in range(2)]
+    psnr, cosine = [], []
+    for start in range(0, reference.shape[2], DECODE_BLOCK):
+        ref, cand = (d.decode(v[:, :, start:start + DECODE_BLOCK]).double() / 127.5 - 1
+                     for d, v in zip(decoders, (reference, candidate)))
+        p, c = frame_metrics(ref, cand, 2.0)
+        psnr += p
+        cosine += c
+    return psnr, cosine
 
 
 def verify(reference: str, candidate: str, settings: SampleSettings, prompt: PromptSource,
            reference_loras=(), candidate_loras=(), select: str | None = None, noise_file: str | None = None,
            vae: str | None = None, min_psnr: float | None = None, runtime: Runtime = Runtime()) -> VerifyReport:
+    plans = [plan_model(path, list(loras), _select_for(path, select))
+             for path, loras in ((reference, reference_loras), (candidate, candidate_loras))]
     device, dtype = runtime.resolve()
     context, negative = prompt_embeddings(prompt, device, dtype)
-    runs = [generate(path, settings, context, negative, loras, select, noise_file, device, dtype)
-            for path, loras in ((reference, reference_loras), (candidate, candidate_loras))]
+    for plan in plans:
+        check_embeddings(plan, settings, context, negative)
+    runs = [generate(plan, settings, context, negative, noise_file=noise_file, device=device, dtype=dtype)
+            for plan in plans]
     if vae:
-        ref, cand = (decode_all(vae, latents, device, dtype).float() for latents in runs)
-        psnr, cosine = frame_metrics(ref, cand, 255.0)
+        psnr, cosine = compare_pixels(vae, *runs, device, dtype)
         compared = "pixels"
     else:
         ref, cand = (latents[0].transpose(0, 1) for latents in runs)  # [frames, C, h, w]

@@ -53,7 +53,7 @@ class StreamingDecoder:
         folder = _vae_folder(vae_dir)
         try:
             self.vae = AutoencoderKLWan.from_pretrained(folder, local_files_only=True, torch_dtype=dtype)
-        except (OSError, ValueError) as exc:
+        except Exception as exc:  # diffusers raises many types for broken folders; all are one line here
             raise SftoolsError(f"{folder}: cannot load the VAE ({str(exc).splitlines()[0]})") from None
         if self.vae.config.patch_size is not None:
             raise SftoolsError(f"{folder}: a patchified (Wan 2.2) VAE; sftools decodes the Wan 2.1 VAE")

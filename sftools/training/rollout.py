@@ -31,8 +31,8 @@ def rollout(model: CausalWanModel, context: torch.Tensor, schedule: list[Step], 
             frames_per_block: int, exit_at: int, generator: torch.Generator, shift: float) -> torch.Tensor:
     """The generated latents [B, C, T, h, w], differentiable only through each block's exit step.
     `generator` draws every noise (on the CPU, so runs repeat across devices)."""
-    param = next(model.parameters())
-    device, dtype = param.device, param.dtype
+    weight = model.transformer.patch_embedding.weight  # the model's dtype (norms stay fp32)
+    device, dtype = weight.device, weight.dtype
     batch, channels, frames, h, w = shape
     context = pad_context(context).to(device, dtype)
     model.reset(CacheSpec(frame_tokens=(h // 2) * (w // 2), capacity_frames=frames))

@@ -7,6 +7,7 @@ downloaded; weights come from a seeded generator, the tokenizer is defined here.
 from __future__ import annotations
 
 import os
+import sys
 
 import torch
 
@@ -15,6 +16,14 @@ WORDS = ("a an the cat dog man woman car bird walks runs flies on in at under be
          "night day sunset rain snow red blue green white black slow fast camera video").split()
 CHARS = list("abcdefghijklmnopqrstuvwxyz0123456789.,!?'-")
 SPACE = "\u2581"  # sentencepiece's word boundary mark, as in umT5's vocabulary
+
+
+def _quiet_transformers() -> None:
+    """transformers shows its save/load bars even off a terminal; sftools' own rule is terminals only."""
+    from transformers.utils import logging as transformers_logging
+
+    if not sys.stderr.isatty():
+        transformers_logging.disable_progress_bar()
 
 
 def _tokenizer():
@@ -48,6 +57,7 @@ def write_tiny_text_encoder(folder: str, text_dim: int = 32, seed: int = 0) -> s
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         model = UMT5EncoderModel(config).eval()
+    _quiet_transformers()
     model.save_pretrained(os.path.join(folder, "text_encoder"))
     tokenizer.save_pretrained(os.path.join(folder, "tokenizer"))
     return folder
