@@ -3,13 +3,12 @@
 from __future__ import annotations
 
 import os
-import sys
 
 import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from sftools.cli.main import main
+from cli_runner import run
 from sftools.models.causal_wan import CausalWanModel
 from sftools.sampling.causal import CausalSampler
 from sftools.sampling.load import load_transformer
@@ -19,21 +18,6 @@ from sftools.wan.tiny import perturbed, random_state_dict, write_checkpoint
 from sftools.wan.tiny_parts import write_tiny_text_encoder, write_tiny_vae
 
 SIZE = ["--height", "32", "--width", "32"]
-
-
-def run(capsys, *args: str) -> tuple[int, str, str]:
-    """The command line in this process (no interpreter start-up per call)."""
-    old = sys.argv
-    sys.argv = ["sftools", *args]
-    code = 0
-    try:
-        main()
-    except SystemExit as exc:
-        code = exc.code or 0
-    finally:
-        sys.argv = old
-    out, err = capsys.readouterr()
-    return code, out, err
 
 
 @pytest.fixture(scope="module")

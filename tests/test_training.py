@@ -12,23 +12,10 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from sftools.cli.main import main
+from cli_runner import run
 
 RECIPE = os.path.join(os.path.dirname(__file__), "..", "recipes", "tiny-cpu.yaml")
 FAST = ["--set", "run.checkpoint_every=2", "--set", "run.ema_start=1", "--set", "optim.critic_ratio=2"]
-
-
-def run(capsys, *args: str) -> tuple[int, str, str]:
-    old, sys.argv = sys.argv, ["sftools", *args]
-    code = 0
-    try:
-        main()
-    except SystemExit as exc:
-        code = exc.code or 0
-    finally:
-        sys.argv = old
-    out, err = capsys.readouterr()
-    return code, out, err
 
 
 def final(folder) -> dict[str, torch.Tensor]:
@@ -38,13 +25,7 @@ def final(folder) -> dict[str, torch.Tensor]:
 @pytest.fixture(scope="module")
 def four_steps(tmp_path_factory):
     out = tmp_path_factory.mktemp("train") / "straight"
-    old, sys.argv = sys.argv, ["sftools", "train", RECIPE, *FAST, "--set", "run.steps=4", "--output-dir", str(out)]
-    try:
-        main()
-    except SystemExit as exc:
-        assert not exc.code
-    finally:
-        sys.argv = old
+    assert run(None, "train", RECIPE, *FAST, "--set", "run.steps=4", "--output-dir", str(out))[0] == 0
     return out
 
 
@@ -116,3 +97,23 @@ def test_the_demos_training_stage_runs_the_tiny_recipe():
     from sftools.training.config import Recipe, load_recipe
 
     assert Recipe.from_dict(TRAIN_RECIPE) == load_recipe(RECIPE, ["run.steps=6"])
+
+
+@pytest.mark.parametrize("name", sorted(os.listdir(os.path.join(os.path.dirname(__file__), "..", "recipes"))))
+def test_every_recipe_is_a_valid_recipe(name):
+    import yaml
+
+    from sftools.training.config import Recipe, _build
+
+    with open(os.path.join(os.path.dirname(RECIPE), name)) as f:
+        recipe = _build(Recipe, yaml.safe_load(f), "")
+    recipe.video.check(), recipe.optim.check(), recipe.run.check()  # model paths are the user's to give
+
+
+def test_bf16_and_gradient_checkpointing_train_on_the_cpu(tmp_path):
+    # Its own process: accelerate keeps one mixed-precision state per process.
+    r = subprocess.run([sys.executable, "-m", "sftools", "train", RECIPE, *FAST, "--set", "run.steps=2", "--set",
+                        "run.mixed_precision=bf16", "--set", "run.gradient_checkpointing=true", "--output-dir",
+                        str(tmp_path / "bf16")], capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert all(torch.isfinite(v).all() for v in final(tmp_path / "bf16").values())

@@ -43,8 +43,9 @@ class CausalState:
     mask: torch.Tensor | None = None  # [tokens, tokens] for a masked parallel forward (not a causal call)
     start_frame: int = 0
     branch: str = "cond"
+    context: torch.Tensor | None = None  # the prompt embeddings of the current causal call, as given
     self_kv: dict[str, list[LayerCache]] = field(default_factory=dict)
-    cross_kv: dict[str, list[tuple[tuple, torch.Tensor, torch.Tensor] | None]] = field(default_factory=dict)
+    cross_kv: dict[str, list[tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None]] = field(default_factory=dict)
 
     def layer(self, index: int) -> LayerCache:
         if self.branch not in self.self_kv:
@@ -110,11 +111,13 @@ class CachedCrossAttnProcessor:
         if not self.state.active or attn.add_k_proj is not None or torch.is_grad_enabled():
             return self.default(attn, hidden_states, encoder_hidden_states, attention_mask, rotary_emb)
         slots = self.state.cross_slots()
-        # Keyed by the context itself: another prompt in the same video and branch gets fresh K/V.
-        context_id = (encoder_hidden_states.data_ptr(), tuple(encoder_hidden_states.shape), encoder_hidden_states._version)
-        if slots[self.index] is None or slots[self.index][0] != context_id:
+        # Keyed by the prompt embeddings the caller gave (the slot holds them, so the object cannot be
+        # freed and its identity reused): another prompt in the same video and branch gets fresh K/V.
+        # (encoder_hidden_states is diffusers' text projection of them, a new tensor every call.)
+        context = self.state.context
+        if slots[self.index] is None or slots[self.index][0] is not context:
             key = _heads(attn.norm_k(attn.to_k(encoder_hidden_states)), attn.heads)
-            slots[self.index] = (context_id, key, _heads(attn.to_v(encoder_hidden_states), attn.heads))
+            slots[self.index] = (context, key, _heads(attn.to_v(encoder_hidden_states), attn.heads))
         _, key, value = slots[self.index]
         query = _heads(attn.norm_q(attn.to_q(hidden_states)), attn.heads)
         out = dispatch_attention_fn(query, key, value, attn_mask=None, dropout_p=0.0, is_causal=False,
@@ -175,20 +178,26 @@ class CausalWanModel(torch.nn.Module):
         self.state.cross_kv.clear()
 
     @contextlib.contextmanager
-    def _causal_call(self, start_frame: int, branch: str) -> Iterator[None]:
+    def _causal_call(self, start_frame: int, branch: str, context: torch.Tensor) -> Iterator[None]:
         if self.state.spec is None:
             raise RuntimeError("call reset(spec) before the first block of a video")
         self.state.active, self.state.start_frame, self.state.branch = True, start_frame, branch
+        self.state.context = context
+        # Gradient checkpointing would recompute the blocks during the backward, outside this call,
+        # where the processors no longer see its cache position: causal calls are not checkpointed
+        # (bidirectional ones, the critic's and the teacher's, still are).
+        checkpointing, self.transformer.gradient_checkpointing = self.transformer.gradient_checkpointing, False
         try:
             yield
         finally:
-            self.state.active, self.state.start_frame = False, 0
+            self.state.active, self.state.start_frame, self.state.context = False, 0, None
+            self.transformer.gradient_checkpointing = checkpointing
 
     def forward(self, latents: torch.Tensor, timestep: torch.Tensor, context: torch.Tensor,
                 start_frame: int, branch: str = "cond") -> torch.Tensor:
         """`timestep` is [B] (every frame of the block at one noise level) or [B, frames]."""
         timestep = self.per_token(timestep, latents)
-        with self._causal_call(start_frame, branch):
+        with self._causal_call(start_frame, branch, context):
             return self.transformer(hidden_states=latents, timestep=timestep, encoder_hidden_states=context,
                                     return_dict=False)[0]
 

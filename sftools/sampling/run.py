@@ -12,11 +12,12 @@ from dataclasses import dataclass, field
 import torch
 
 from sftools import __version__
+from sftools.devices import check_device_name, resolve_device
 from sftools.errors import SettingsError, SftoolsError
+from sftools.io.dtypes import torch_dtype
 from sftools.io.output import check_destination, refuse_overwrite
 from sftools.models.causal_wan import CausalWanModel
 from sftools.sampling.causal import BlockDone, CausalSampler
-from sftools.devices import check_device_name, resolve_device
 from sftools.sampling.load import ModelPlan, default_dtype, load_transformer, plan_model
 from sftools.sampling.noise import FileNoise, SeededNoise
 from sftools.sampling.settings import SampleSettings
@@ -52,8 +53,6 @@ class Runtime:
         check_device_name(self.device)
 
     def resolve(self) -> tuple[torch.device, torch.dtype]:
-        from sftools.io.dtypes import torch_dtype
-
         device = resolve_device(self.device)
         return device, torch_dtype(self.dtype) if self.dtype else default_dtype(device)
 
@@ -116,6 +115,8 @@ def sample_to_file(model_path: str, output: str, settings: SampleSettings, promp
                    vae: str | None = None, runtime: Runtime = Runtime(), on_block=None) -> SampleReport:
     inputs = [model_path, noise_file, prompt.embeds_file, prompt.text_encoder, vae, *(p for p, _ in loras)]
     kind = check_output(output, inputs, vae)
+    if settings.cfg != 1 and prompt.text and prompt.negative is None:
+        raise SettingsError("--cfg other than 1 needs --negative-prompt")
     plan = plan_model(model_path, list(loras), select)
     check_output(output, plan.files, vae)
     device, dtype = runtime.resolve()

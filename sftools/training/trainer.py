@@ -144,9 +144,11 @@ class Trainer:
 
     def _update(self, name: str, loss: torch.Tensor) -> None:
         params = self.params[name]
-        for p in params:  # switching adapters since the forward froze these, and autograd skips frozen leaves
-            p.requires_grad_(True)
-        self.accelerator.backward(loss)
+        # The backward runs with the adapter of its forward active again: other calls since switched
+        # adapters (which froze these parameters, and autograd skips frozen leaves), and gradient
+        # checkpointing recomputes the forward during the backward.
+        with using(self.transformer, name):
+            self.accelerator.backward(loss)
         if self.accelerator.num_processes > 1:
             for p in params:
                 if p.grad is not None:
