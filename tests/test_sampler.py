@@ -76,7 +76,7 @@ class BlockCausalMask(WanAttnProcessor):
         return super().__call__(attn, hidden_states, encoder_hidden_states, mask, rotary_emb)
 
 
-def recompute(model: CausalWanModel, s: SampleSettings, context, draws, visible) -> torch.Tensor:
+def recompute(model: CausalWanModel, s: SampleSettings, context, draws, visible, negative=None) -> torch.Tensor:
     """Sample with NO cache: every call runs the whole sequence so far (clean x0 of earlier blocks at
     t = 0, the current block at its t) through diffusers' forward with per-frame timesteps and the
     mask `visible(query_block_start, frames, key_frame)`."""
@@ -98,6 +98,9 @@ def recompute(model: CausalWanModel, s: SampleSettings, context, draws, visible)
                 seq = torch.cat([*done, x], dim=2)
                 t = torch.tensor([[0.0] * start + [step.timestep] * frames])
                 flow = model.bidirectional(seq, t, pad_context(context))[:, :, start:]
+                if negative is not None:
+                    uncond = model.bidirectional(seq, t, pad_context(negative))[:, :, start:]
+                    flow = uncond + s.cfg * (flow - uncond)
                 x0 = (x.double() - step.sigma * flow.double()).float()
                 if i + 1 < len(schedule):
                     x = (1 - schedule[i + 1].sigma) * x0 + schedule[i + 1].sigma * draws.renoise(i, start, frames)
@@ -170,6 +173,16 @@ def test_wrapped_original_and_diffusers_files_give_identical_latents(tmp_path):
         model, config = load_transformer(path)
         outs.append(CausalSampler(CausalWanModel(model), config, settings(6)).sample(embeds(), SeededNoise(1, 16, 8, 8)))
     assert torch.equal(outs[0], outs[1]) and torch.equal(outs[1], outs[2])
+
+
+def test_cfg_with_its_own_uncond_cache_equals_a_guided_recompute(tiny):
+    _, _, model, config = tiny
+    s = settings(9, cfg=3.0)
+    draws = Draws(s)
+    guided = CausalSampler(model, config, s).sample(embeds(), draws, negative=embeds(9))
+    with torch.no_grad():
+        again = recompute(model, s, embeds(), draws, lambda q, n, f: f < q + n, negative=embeds(9))
+    assert torch.allclose(guided, again, atol=5e-5, rtol=0), (guided - again).abs().max()
 
 
 def test_cfg_uses_the_negative_branch_with_its_own_cache(tiny):
