@@ -117,3 +117,13 @@ def test_bf16_and_gradient_checkpointing_train_on_the_cpu(tmp_path):
                         str(tmp_path / "bf16")], capture_output=True, text=True, timeout=600)
     assert r.returncode == 0, r.stderr[-2000:]
     assert all(torch.isfinite(v).all() for v in final(tmp_path / "bf16").values())
+
+
+def test_gradient_accumulation_averages_more_rollouts_per_update(four_steps, capsys, tmp_path):
+    code, out, err = run(capsys, "train", RECIPE, *FAST, "--set", "run.steps=4", "--set", "run.grad_accum=2",
+                         "--output-dir", str(tmp_path / "accum"), "--json")
+    assert code == 0, err
+    a, b = final(four_steps), final(tmp_path / "accum")
+    assert all(torch.isfinite(v).all() for v in b.values()) and not all(torch.equal(a[k], b[k]) for k in a)
+    code, _, err = run(capsys, "train", RECIPE, "--set", "run.grad_accum=0", "--output-dir", str(tmp_path / "x"))
+    assert code == 2 and "run.grad_accum must be >= 1" in err

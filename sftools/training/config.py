@@ -101,10 +101,12 @@ class RunSettings:
     log_every: int = 10
     mixed_precision: str = "no"  # no | bf16 (accelerate)
     gradient_checkpointing: bool = False
+    grad_accum: int = 1  # rollouts (prompts, noise) averaged into each update, per process
 
     def check(self) -> None:
-        if self.steps < 1 or self.checkpoint_every < 1 or self.keep_checkpoints < 1 or self.log_every < 1:
-            raise SettingsError("run.steps, run.checkpoint_every, run.keep_checkpoints and run.log_every must be >= 1")
+        if min(self.steps, self.checkpoint_every, self.keep_checkpoints, self.log_every, self.grad_accum) < 1:
+            raise SettingsError("run.steps, run.checkpoint_every, run.keep_checkpoints, run.log_every and "
+                                "run.grad_accum must be >= 1")
         if not 0 <= self.ema_decay < 1:
             raise SettingsError(f"run.ema_decay must be in [0, 1), got {self.ema_decay}")
         if self.mixed_precision not in ("no", "bf16"):

@@ -142,13 +142,15 @@ class Trainer:
             real = x_t - sigma * (cond + self.recipe.optim.guidance * (cond - uncond))
         return real, fake
 
-    def _update(self, name: str, loss: torch.Tensor) -> None:
-        params = self.params[name]
+    def _backward(self, name: str, loss: torch.Tensor) -> None:
         # The backward runs with the adapter of its forward active again: other calls since switched
         # adapters (which froze these parameters, and autograd skips frozen leaves), and gradient
         # checkpointing recomputes the forward during the backward.
         with using(self.transformer, name):
-            self.accelerator.backward(loss)
+            self.accelerator.backward(loss / self.recipe.run.grad_accum)
+
+    def _step(self, name: str) -> None:
+        params = self.params[name]
         if self.accelerator.num_processes > 1:
             for p in params:
                 if p.grad is not None:
@@ -164,32 +166,47 @@ class Trainer:
         with using(self.transformer, GENERATOR), self.accelerator.autocast():
             return rollout(self.model, context, self.schedule, self.shape, v.frames_per_block, exit_at, generator, v.shift)
 
+    def _context(self, it: int, micro: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(raw, padded) prompt embeddings of micro-batch `micro` of iteration `it` on this process,
+        and the padded negative: every process and micro-batch takes its own prompt."""
+        accum, world = self.recipe.run.grad_accum, self.accelerator.num_processes
+        index = ((it * world + self.accelerator.process_index) * accum + micro) % len(self.embeds)
+        raw = self.embeds[index][None]
+        return raw, pad_context(raw).to(self.device), pad_context(self.negative[None]).to(self.device)
+
     def iteration(self, it: int) -> StepLog:
         began, rank, seed = time.perf_counter(), self.accelerator.process_index, self.recipe.run.seed
-        prompt = (it * self.accelerator.num_processes + rank) % len(self.embeds)
-        context = pad_context(self.embeds[prompt][None]).to(self.device)
-        negative = pad_context(self.negative[None]).to(self.device)
+        accum = self.recipe.run.grad_accum
         generator_loss = None
         if it % self.recipe.optim.critic_ratio == 0:
-            g = _generator(seed, it, rank, "generator")
-            video = self._rollout(self.embeds[prompt][None], it, g, "generator")
-            t = critic_timestep(1, self.recipe.video.shift, g).to(self.device)
-            x_t = noised(video.detach(), torch.randn(video.shape, generator=g).to(self.device), t)
-            real, fake = self._scores(x_t, t, context, negative)
-            loss = dmd_loss(video, real, fake)
-            self._update(GENERATOR, loss)
-            generator_loss = float(loss.detach())
+            generator_loss = 0.0
+            for micro in range(accum):
+                raw, context, negative = self._context(it, micro)
+                g = _generator(seed, it, rank, f"generator:{micro}")
+                video = self._rollout(raw, it, g, "generator")
+                t = critic_timestep(1, self.recipe.video.shift, g).to(self.device)
+                x_t = noised(video.detach(), torch.randn(video.shape, generator=g).to(self.device), t)
+                real, fake = self._scores(x_t, t, context, negative)
+                loss = dmd_loss(video, real, fake)
+                self._backward(GENERATOR, loss)
+                generator_loss += float(loss.detach()) / accum
+            self._step(GENERATOR)
             self._update_ema(it)
-        g = _generator(seed, it, rank, "critic")
-        with torch.no_grad():
-            video = self._rollout(self.embeds[prompt][None], it, g, "critic")
-        t = critic_timestep(1, self.recipe.video.shift, g).to(self.device)
-        noise = torch.randn(video.shape, generator=g).to(self.device)
-        with using(self.transformer, CRITIC), self.accelerator.autocast():
-            flow = self.model.bidirectional(noised(video, noise, t), t, context)
-        loss = flow_loss(flow, video, noise)
-        self._update(CRITIC, loss)
-        return StepLog(it, generator_loss, float(loss.detach()), time.perf_counter() - began)
+        critic_loss = 0.0
+        for micro in range(accum):
+            raw, context, _ = self._context(it, micro)
+            g = _generator(seed, it, rank, f"critic:{micro}")
+            with torch.no_grad():
+                video = self._rollout(raw, it, g, "critic")
+            t = critic_timestep(1, self.recipe.video.shift, g).to(self.device)
+            noise = torch.randn(video.shape, generator=g).to(self.device)
+            with using(self.transformer, CRITIC), self.accelerator.autocast():
+                flow = self.model.bidirectional(noised(video, noise, t), t, context)
+            loss = flow_loss(flow, video, noise)
+            self._backward(CRITIC, loss)
+            critic_loss += float(loss.detach()) / accum
+        self._step(CRITIC)
+        return StepLog(it, generator_loss, critic_loss, time.perf_counter() - began)
 
     def _update_ema(self, it: int) -> None:
         run = self.recipe.run
