@@ -86,11 +86,11 @@ def sample_cmd(model, loras, output, as_json, **kw) -> None:
     does; with --local-attn-frames the cache rolls, so videos far longer than the training window
     cost the same per block."""
     from sftools.io.output import progress
+    from sftools.sampling.causal import blocks
     from sftools.sampling.run import sample_to_file
 
     settings, prompt, runtime = build(kw)
-    total = len(range(0, settings.latent_frames, settings.frames_per_block or settings.latent_frames))
-    with progress(total, "sampling", unit="block") as bar:
+    with progress(len(blocks(settings)), "sampling", unit="block") as bar:
         def tick(block) -> None:
             bar.set_postfix_str(f"{block.seconds:.2f} s/block")
             bar.update(1)

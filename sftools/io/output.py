@@ -2,9 +2,9 @@
 
 Everything is written under a temporary name beside the destination and renamed only after the
 written bytes were read back by safetensors and matched; a crash or refusal leaves no partial
-output under the final name. Temporary names are short (`.sftools-<hash of the name>-<pid>.tmp`),
-so any name the OS accepts can be written, and carry the writer's pid, so a later run to the same
-destination removes what a killed run left behind.
+output under the final name. Temporary names are short (`.sftools-<hash of the name>-<hash of the
+host>-<pid>.tmp`), so any name the OS accepts can be written, and carry the writer's host and pid, so
+a later run on that host to the same destination removes what a killed run left behind.
 """
 
 from __future__ import annotations
@@ -39,7 +39,6 @@ def progress(total: int, desc: str, unit: str = "B") -> tqdm:
 
 def _real(path: str) -> str:
     return os.path.realpath(os.path.abspath(path))
-
 
 
 def _spellings(path: str) -> set[str]:

@@ -17,14 +17,19 @@ from sftools.errors import SftoolsError
 from sftools.io.sources import open_checkpoint
 
 
+def keyed_generator(*key) -> torch.Generator:
+    """A CPU generator seeded from `key` (seed, what, step, ...): draws that depend on nothing else,
+    not on what was drawn before, the device, or the process."""
+    digest = hashlib.blake2b(":".join(map(str, key)).encode(), digest_size=8).digest()
+    return torch.Generator().manual_seed(int.from_bytes(digest, "little") & (2**63 - 1))
+
+
 class SeededNoise:
     def __init__(self, seed: int, channels: int, height: int, width: int) -> None:
         self.seed, self.shape = seed, (1, channels, 1, height, width)
 
     def _frame(self, what: str, step: int, frame: int) -> torch.Tensor:
-        key = hashlib.blake2b(f"{self.seed}:{what}:{step}:{frame}".encode(), digest_size=8).digest()
-        generator = torch.Generator().manual_seed(int.from_bytes(key, "little") & (2**63 - 1))
-        return torch.randn(self.shape, generator=generator)
+        return torch.randn(self.shape, generator=keyed_generator(self.seed, what, step, frame))
 
     def initial(self, start: int, frames: int) -> torch.Tensor:
         return torch.cat([self._frame("noise", 0, f) for f in range(start, start + frames)], dim=2)

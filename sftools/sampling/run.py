@@ -118,7 +118,7 @@ def sample_to_file(model_path: str, output: str, settings: SampleSettings, promp
     if settings.cfg != 1 and prompt.text and prompt.negative is None:
         raise SettingsError("--cfg other than 1 needs --negative-prompt")
     plan = plan_model(model_path, list(loras), select)
-    check_output(output, plan.files, vae)
+    refuse_overwrite(output, plan.files)  # the shards and LoRA files behind the paths given
     device, dtype = runtime.resolve()
     context, negative = prompt_embeddings(prompt, device, dtype)
     check_embeddings(plan, settings, context, negative)

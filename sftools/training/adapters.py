@@ -37,8 +37,12 @@ def add_adapters(transformer: WanTransformer3DModel, rank: int, names: tuple[str
                                     adapter_name=name)
 
 
+def named_adapter_parameters(transformer: WanTransformer3DModel, name: str) -> list[tuple[str, torch.nn.Parameter]]:
+    return [(n, p) for n, p in transformer.named_parameters() if f".{name}." in n and ".lora_" in n]
+
+
 def adapter_parameters(transformer: WanTransformer3DModel, name: str) -> list[torch.nn.Parameter]:
-    return [p for n, p in transformer.named_parameters() if f".{name}." in n and ".lora_" in n]
+    return [p for _, p in named_adapter_parameters(transformer, name)]
 
 
 @contextlib.contextmanager

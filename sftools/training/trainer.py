@@ -22,15 +22,19 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 from accelerate import Accelerator
+from safetensors import safe_open
+from safetensors.torch import save_file
 
 from sftools.io.output import progress
 from sftools.lora.forms import read_lora_file, write_lora
 from sftools.models.causal_wan import CausalWanModel
 from sftools.sampling.causal import pad_context
 from sftools.sampling.load import load_transformer
+from sftools.sampling.noise import keyed_generator
 from sftools.sampling.schedules import few_step_schedule
 from sftools.sampling.text import encode_prompts
-from sftools.training.adapters import CRITIC, GENERATOR, adapter_lora, adapter_parameters, add_adapters, load_adapter, using
+from sftools.training.adapters import (CRITIC, GENERATOR, adapter_lora, adapter_parameters, add_adapters, load_adapter,
+                                      named_adapter_parameters, using)
 from sftools.training.checkpoint import load_checkpoint, save_checkpoint
 from sftools.training.config import TINY_MODEL, Recipe
 from sftools.training.dmd import critic_timestep, dmd_loss, flow_loss, noised
@@ -45,11 +49,6 @@ class StepLog:
     generator_loss: float | None
     critic_loss: float
     seconds: float
-
-
-def _generator(seed: int, iteration: int, rank: int, what: str) -> torch.Generator:
-    key = hashlib.blake2b(f"{seed}:{iteration}:{rank}:{what}".encode(), digest_size=8).digest()
-    return torch.Generator().manual_seed(int.from_bytes(key, "little") & (2**63 - 1))
 
 
 class Trainer:
@@ -107,9 +106,6 @@ class Trainer:
         prompts = list(TINY_PROMPTS) if not d.prompts else [p.strip() for p in open(d.prompts) if p.strip()]
         cache = os.path.join(self.output_dir, "cache", "prompt_embeds.safetensors")
         key = hashlib.sha256(json.dumps([prompts, d.negative_prompt, text_encoder]).encode()).hexdigest()
-        from safetensors import safe_open
-        from safetensors.torch import save_file
-
         if self.accelerator.is_main_process and not _cache_matches(cache, key):
             if text_encoder is None:
                 raise ValueError("data.text_encoder is needed to encode the prompts")
@@ -182,7 +178,7 @@ class Trainer:
             generator_loss = 0.0
             for micro in range(accum):
                 raw, context, negative = self._context(it, micro)
-                g = _generator(seed, it, rank, f"generator:{micro}")
+                g = keyed_generator(seed, it, rank, f"generator:{micro}")
                 video = self._rollout(raw, it, g, "generator")
                 t = critic_timestep(1, self.recipe.video.shift, g).to(self.device)
                 x_t = noised(video.detach(), torch.randn(video.shape, generator=g).to(self.device), t)
@@ -195,7 +191,7 @@ class Trainer:
         critic_loss = 0.0
         for micro in range(accum):
             raw, context, _ = self._context(it, micro)
-            g = _generator(seed, it, rank, f"critic:{micro}")
+            g = keyed_generator(seed, it, rank, f"critic:{micro}")
             with torch.no_grad():
                 video = self._rollout(raw, it, g, "critic")
             t = critic_timestep(1, self.recipe.video.shift, g).to(self.device)
@@ -220,7 +216,7 @@ class Trainer:
                     self.ema[n].mul_(run.ema_decay).add_(p.detach().float(), alpha=1 - run.ema_decay)
 
     def _named(self, adapter: str):
-        return [(n, p) for n, p in self.transformer.named_parameters() if f".{adapter}." in n and ".lora_" in n]
+        return named_adapter_parameters(self.transformer, adapter)
 
     # --- checkpoints and results ---------------------------------------------------------------
 
@@ -292,8 +288,6 @@ def _trim(embeds: torch.Tensor) -> torch.Tensor:
 
 
 def _cache_matches(path: str, key: str) -> bool:
-    from safetensors import safe_open
-
     if not os.path.exists(path):
         return False
     with safe_open(path, "pt") as f:
