@@ -33,9 +33,7 @@ def train_cmd(recipe, overrides, output_dir, resume, as_json) -> None:
 
     def log(entry) -> None:
         if trainer.accelerator.is_main_process and not as_json:
-            gen = f"{entry.generator_loss:.5f}" if entry.generator_loss is not None else "-"
-            click.echo(f"step {entry.iteration + 1}/{settings.run.steps}: generator (DMD) {gen}, "
-                       f"critic (flow) {entry.critic_loss:.5f}, {entry.seconds:.2f} s")
+            click.echo(f"step {entry.iteration + 1}/{settings.run.steps}: {entry.describe()}, {entry.seconds:.2f} s")
 
     report = trainer.train(log)
     if trainer.accelerator.is_main_process:

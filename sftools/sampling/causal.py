@@ -85,9 +85,10 @@ class CausalSampler:
     @torch.no_grad()
     def sample(self, context: torch.Tensor, noise: Noise, negative: torch.Tensor | None = None,
                on_block: Callable[[BlockDone], None] | None = None, keep: bool = True) -> torch.Tensor | None:
-        """The final latents [1, C, T, h, w] (None with `keep` False: each block goes to `on_block`
-        only, so nothing grows with the video). `context` / `negative` are [1, tokens, text_dim]
-        prompt embeddings (padded here); `negative` is used only with cfg > 1."""
+        """The final latents [B, C, T, h, w] (None with `keep` False: each block goes to `on_block`
+        only, so nothing grows with the video). `context` / `negative` are [B, tokens, text_dim]
+        prompt embeddings (padded here), one row per video `noise` draws; `negative` is used only
+        with cfg > 1."""
         s = self.settings
         # The patch embedding has the model's dtype (norms and modulation tables stay fp32).
         weight = self.model.transformer.patch_embedding.weight
@@ -98,7 +99,7 @@ class CausalSampler:
             raise ValueError("cfg != 1 needs negative prompt embeddings")
         self.model.reset(cache_spec(s))
         h, w = s.latent_size
-        out = torch.empty(1, self.config.out_dim, s.latent_frames, h, w, dtype=torch.float32) if keep else None
+        out = torch.empty(len(context), self.config.out_dim, s.latent_frames, h, w, dtype=torch.float32) if keep else None
         plan = blocks(s)
         for index, (start, frames) in enumerate(plan):
             began = time.perf_counter()

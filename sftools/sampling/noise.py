@@ -38,6 +38,20 @@ class SeededNoise:
         return torch.cat([self._frame("renoise", step, f) for f in range(start, start + frames)], dim=2)
 
 
+class BatchNoise:
+    """Several videos' seeded noise, a row each: row i draws exactly what a run with `seeds[i]`
+    draws, so a batch of videos is the same as the videos made one at a time."""
+
+    def __init__(self, seeds: list[int], channels: int, height: int, width: int) -> None:
+        self.rows = [SeededNoise(seed, channels, height, width) for seed in seeds]
+
+    def initial(self, start: int, frames: int) -> torch.Tensor:
+        return torch.cat([row.initial(start, frames) for row in self.rows])
+
+    def renoise(self, step: int, start: int, frames: int) -> torch.Tensor:
+        return torch.cat([row.renoise(step, start, frames) for row in self.rows])
+
+
 class FileNoise:
     def __init__(self, path: str, steps: int, shape: tuple[int, int, int, int, int]) -> None:
         tensors = open_checkpoint(path).tensors

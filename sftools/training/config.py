@@ -20,12 +20,15 @@ import yaml
 from sftools.errors import SettingsError, SftoolsError
 
 TINY_MODEL = "tiny"  # the built-in tiny model (written into the run folder), for CPU recipes and tests
+SYNTHETIC_TEACHER = "synthetic"  # the exact denoiser of a known Gaussian video law (training/synthetic.py)
+STAGES = ("self_forcing", "ode_init", "teacher_forcing")
 
 
 @dataclass(frozen=True, kw_only=True)
 class ModelSettings:
     base: str = TINY_MODEL  # any model form sftools reads, or "tiny"
-    teacher: str | None = None  # a separate frozen teacher (Self Forcing's 14B for a 1.3B student); None: the base
+    teacher: str | None = None  # a separate frozen teacher (Self Forcing's 14B for a 1.3B student); None: the base;
+    # "synthetic": the exact denoiser of a known Gaussian video law, for experiments with a known answer
     init_lora: str | None = None  # the generator adapter starts from this LoRA (any form sftools reads)
     rank: int = 16
 
@@ -34,7 +37,7 @@ class ModelSettings:
             raise SettingsError(f"model.rank must be at least 1, got {self.rank}")
         for key in ("base", "teacher", "init_lora"):
             path = getattr(self, key)
-            if path and path != TINY_MODEL and not os.path.exists(path):
+            if path and path not in (TINY_MODEL, SYNTHETIC_TEACHER) and not os.path.exists(path):
                 raise SftoolsError(f"{path}: no such file or folder (model.{key})")
 
 
@@ -114,15 +117,35 @@ class RunSettings:
 
 
 @dataclass(frozen=True, kw_only=True)
+class OdeSettings:
+    """Teacher trajectories for the ode_init and teacher_forcing stages (Self Forcing's
+    `scripts/generate_ode_pairs.py`): Euler runs of the bidirectional teacher with guidance
+    `optim.guidance`, kept at the student's few-step noise levels and at the clean end."""
+    pairs: int = 64  # trajectories, one prompt each (prompts taken in turn), cached in OUTPUT/cache
+    teacher_steps: int = 48  # Euler steps of the teacher, spread over the student's intervals
+
+    def check(self) -> None:
+        if self.pairs < 1 or self.teacher_steps < 1:
+            raise SettingsError("ode.pairs and ode.teacher_steps must be >= 1")
+
+
+@dataclass(frozen=True, kw_only=True)
 class Recipe:
+    # self_forcing: DMD on the generator's own rollouts (the method); ode_init: regression of the
+    # causal student onto teacher trajectories (where Self Forcing starts); teacher_forcing: DMD on
+    # rollouts whose earlier blocks are the teacher's video instead of the generator's (the baseline).
+    stage: str = "self_forcing"
     model: ModelSettings = field(default_factory=ModelSettings)
     data: DataSettings = field(default_factory=DataSettings)
     video: VideoSettings = field(default_factory=VideoSettings)
     optim: OptimSettings = field(default_factory=OptimSettings)
     run: RunSettings = field(default_factory=RunSettings)
+    ode: OdeSettings = field(default_factory=OdeSettings)
 
     def check(self) -> None:
-        for part in (self.model, self.data, self.video, self.optim, self.run):
+        if self.stage not in STAGES:
+            raise SettingsError(f"stage must be one of {', '.join(STAGES)}, got {self.stage!r}")
+        for part in (self.model, self.data, self.video, self.optim, self.run, self.ode):
             part.check()
 
     def to_dict(self) -> dict:

@@ -28,9 +28,12 @@ def exit_step(steps: int, seed: int, iteration: int) -> int:
 
 
 def rollout(model: CausalWanModel, context: torch.Tensor, schedule: list[Step], shape: tuple[int, ...],
-            frames_per_block: int, exit_at: int, generator: torch.Generator, shift: float) -> torch.Tensor:
+            frames_per_block: int, exit_at: int, generator: torch.Generator, shift: float,
+            truth: torch.Tensor | None = None) -> torch.Tensor:
     """The generated latents [B, C, T, h, w], differentiable only through each block's exit step.
-    `generator` draws every noise (on the CPU, so runs repeat across devices)."""
+    `generator` draws every noise (on the CPU, so runs repeat across devices). With `truth` (a
+    teacher's video of the same shape) the cache is refreshed from it instead of from the
+    generator's own blocks: teacher forcing, everything else the same."""
     weight = model.transformer.patch_embedding.weight  # the model's dtype (norms stay fp32)
     device, dtype = weight.device, weight.dtype
     batch, channels, frames, h, w = shape
@@ -51,7 +54,7 @@ def rollout(model: CausalWanModel, context: torch.Tensor, schedule: list[Step], 
                 x = (1 - sigma) * x0 + sigma * torch.randn(x0.shape, generator=generator).to(device, dtype)
         outputs.append(x0)
         with torch.no_grad():
-            clean = x0.detach()
+            clean = x0.detach() if truth is None else truth[:, :, start:start + n].to(device, dtype)
             context_x = (1 - context_sigma) * clean + context_sigma * torch.randn(clean.shape, generator=generator).to(device, dtype)
             model(context_x, torch.zeros(batch, device=device), context, start)
     return torch.cat(outputs, dim=2)

@@ -9,10 +9,17 @@ All randomness of an iteration comes from generators keyed by (seed, iteration, 
 repeats exactly, a resumed run continues exactly, and raising the step count continues the same run.
 Gradients are averaged over processes by hand after each backward: several forward calls, with
 adapters switched per call, go into one backward, which DDP's per-forward hooks do not allow.
+
+The recipe's `stage` picks what an iteration does: `self_forcing` as above; `teacher_forcing` the
+same with each rollout's cache refreshed from a teacher video instead of the generator's own blocks
+(the baseline Self Forcing improves on); `ode_init` one regression of the generator onto a teacher
+trajectory (`training/ode.py`), no critic. The teacher trajectories the last two need are computed
+once into `cache/ode/`, a file each, split over the processes.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import os
@@ -36,9 +43,12 @@ from sftools.sampling.text import encode_prompts
 from sftools.training.adapters import (CRITIC, GENERATOR, adapter_lora, adapter_parameters, add_adapters, load_adapter,
                                       named_adapter_parameters, using)
 from sftools.training.checkpoint import load_checkpoint, save_checkpoint
-from sftools.training.config import TINY_MODEL, Recipe
+from sftools.models.kv_cache import visible_frames
+from sftools.training.config import SYNTHETIC_TEACHER, TINY_MODEL, Recipe
 from sftools.training.dmd import critic_timestep, dmd_loss, flow_loss, noised
+from sftools.training.ode import regression_inputs, regression_loss, trajectory
 from sftools.training.rollout import exit_step, rollout
+from sftools.training.synthetic import synthetic_teacher
 
 TINY_PROMPTS = ("a red ball rolls on grass", "waves at sunset", "a fox in the snow", "city lights at night")
 
@@ -46,9 +56,21 @@ TINY_PROMPTS = ("a red ball rolls on grass", "waves at sunset", "a fox in the sn
 @dataclass
 class StepLog:
     iteration: int
-    generator_loss: float | None
-    critic_loss: float
+    losses: dict[str, float]  # dmd (generator), critic (flow), ode (regression): those this iteration ran
     seconds: float
+
+    def describe(self) -> str:
+        return ", ".join(f"{LOSS_NAMES[name]} {value:.5f}" for name, value in self.losses.items())
+
+
+LOSS_NAMES = {"dmd": "generator (DMD)", "critic": "critic (flow)", "ode": "generator (ODE regression)"}
+
+
+@dataclass
+class Pair:
+    """One teacher trajectory: its prompt and its states at the student's levels, then clean."""
+    prompt: int
+    states: torch.Tensor  # [steps + 1, 1, C, T, h, w]
 
 
 class Trainer:
@@ -68,7 +90,7 @@ class Trainer:
             load_adapter(self.transformer, GENERATOR, read_lora_file(recipe.model.init_lora))
         if recipe.run.gradient_checkpointing:
             self.transformer.enable_gradient_checkpointing()
-        self.teacher = load_transformer(recipe.model.teacher, device=self.device)[0] if recipe.model.teacher else None
+        self.teacher = self._separate_teacher()
         self.model = CausalWanModel(self.transformer)
         o = recipe.optim
         self.params = {name: adapter_parameters(self.transformer, name) for name in (GENERATOR, CRITIC)}
@@ -80,6 +102,7 @@ class Trainer:
         v = recipe.video
         self.schedule = few_step_schedule(v.steps, v.shift)
         self.shape = (1, self.config.out_dim, v.latent_frames, v.height // 8, v.width // 8)
+        self.pairs = self._teacher_pairs() if recipe.stage != "self_forcing" else []
 
     # --- set-up --------------------------------------------------------------------------------
 
@@ -98,6 +121,14 @@ class Trainer:
             write_tiny_text_encoder(folder, text_dim=TINY_128.text_dim)
         self.accelerator.wait_for_everyone()
         return folder, d.text_encoder or folder
+
+    def _separate_teacher(self) -> torch.nn.Module | None:
+        """The recipe's own teacher, if it names one (else the base with adapters off is the teacher)."""
+        teacher = self.recipe.model.teacher
+        if teacher == SYNTHETIC_TEACHER:
+            v = self.recipe.video
+            return synthetic_teacher(self.config.out_dim, v.height // 8, v.width // 8, self.config.text_dim).to(self.device)
+        return load_transformer(teacher, device=self.device)[0] if teacher else None
 
     def _prompt_embeddings(self, text_encoder: str | None) -> tuple[list[torch.Tensor], torch.Tensor]:
         """umT5 embeddings of every prompt, computed once into `cache/` (trimmed of padding), so the
@@ -123,7 +154,50 @@ class Trainer:
             embeds = [f.get_tensor(f"prompt.{i}") for i in range(len(prompts))]
             return embeds, f.get_tensor("negative")
 
+    def _teacher_pairs(self) -> list[str]:
+        """Paths of the teacher trajectories, one file each in cache/ode/, computed where missing or
+        made for other settings (each process computes every world_size-th), then shared."""
+        folder = os.path.join(self.output_dir, "cache", "ode")
+        os.makedirs(folder, exist_ok=True)
+        r = self.recipe
+        key = hashlib.sha256(json.dumps([r.model.base, r.model.teacher, r.data.prompts, r.data.text_encoder,
+                                         r.data.negative_prompt, dataclasses.asdict(r.video), r.ode.teacher_steps,
+                                         r.optim.guidance, r.run.seed]).encode()).hexdigest()
+        paths = [os.path.join(folder, f"pair-{i:05d}.safetensors") for i in range(r.ode.pairs)]
+        world, rank = self.accelerator.num_processes, self.accelerator.process_index
+        mine = [i for i in range(rank, len(paths), world) if not _cache_matches(paths[i], key)]
+        with progress(len(mine), "teacher trajectories", unit="pair") as bar:
+            for i in mine:
+                self._write_pair(paths[i], i, key)
+                bar.update(1)
+        self.accelerator.wait_for_everyone()
+        return paths
+
+    def _write_pair(self, path: str, index: int, key: str) -> None:
+        prompt = index % len(self.embeds)
+        _, context, negative = self._prompt(prompt)
+        noise = torch.randn(self.shape, generator=keyed_generator(self.recipe.run.seed, index, 0, "ode")).to(self.device)
+        states = trajectory(lambda x, t: self._teacher_flow(x, t, context, negative), noise, self.schedule,
+                            self.recipe.ode.teacher_steps)
+        save_file({"states": states.float().cpu().contiguous()}, path + ".tmp", metadata={"key": key, "prompt": str(prompt)})
+        os.replace(path + ".tmp", path)
+
+    def _pair(self, index: int) -> Pair:
+        with safe_open(self.pairs[index], "pt") as f:
+            return Pair(prompt=int(f.metadata()["prompt"]), states=f.get_tensor("states").to(self.device))
+
     # --- one iteration -------------------------------------------------------------------------
+
+    def _teacher_flow(self, x_t: torch.Tensor, t: torch.Tensor, context: torch.Tensor,
+                      negative: torch.Tensor) -> torch.Tensor:
+        """The teacher's guided flow, cond + guidance (cond - uncond), no gradients."""
+        teacher, guidance = self.teacher or self.transformer, self.recipe.optim.guidance
+        with torch.no_grad(), using(self.transformer, None):
+            cond = teacher(hidden_states=x_t, timestep=t, encoder_hidden_states=context, return_dict=False)[0]
+            if guidance == 0:
+                return cond
+            uncond = teacher(hidden_states=x_t, timestep=t, encoder_hidden_states=negative, return_dict=False)[0]
+        return cond + guidance * (cond - uncond)
 
     def _scores(self, x_t: torch.Tensor, t: torch.Tensor, context: torch.Tensor, negative: torch.Tensor):
         """x0 of the critic (fake score) and of the teacher with guidance (real score), no gradients."""
@@ -131,11 +205,7 @@ class Trainer:
         with torch.no_grad():
             with using(self.transformer, CRITIC):
                 fake = x_t - sigma * self.model.bidirectional(x_t, t, context)
-            teacher = self.teacher or self.transformer
-            with using(self.transformer, None):
-                cond = teacher(hidden_states=x_t, timestep=t, encoder_hidden_states=context, return_dict=False)[0]
-                uncond = teacher(hidden_states=x_t, timestep=t, encoder_hidden_states=negative, return_dict=False)[0]
-            real = x_t - sigma * (cond + self.recipe.optim.guidance * (cond - uncond))
+            real = x_t - sigma * self._teacher_flow(x_t, t, context, negative)
         return real, fake
 
     def _backward(self, name: str, loss: torch.Tensor) -> None:
@@ -156,53 +226,96 @@ class Trainer:
         self.optimizers[name].step()
         self.optimizers[name].zero_grad(set_to_none=True)
 
-    def _rollout(self, context: torch.Tensor, iteration: int, generator: torch.Generator, what: str) -> torch.Tensor:
+    def _rollout(self, raw: torch.Tensor, iteration: int, generator: torch.Generator, what: str,
+                 truth: torch.Tensor | None) -> torch.Tensor:
         v, seed = self.recipe.video, self.recipe.run.seed
         exit_at = exit_step(v.steps, seed + (what == "critic"), iteration)
         with using(self.transformer, GENERATOR), self.accelerator.autocast():
-            return rollout(self.model, context, self.schedule, self.shape, v.frames_per_block, exit_at, generator, v.shift)
+            return rollout(self.model, raw, self.schedule, self.shape, v.frames_per_block, exit_at, generator, v.shift,
+                           truth=truth)
 
-    def _context(self, it: int, micro: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """(raw, padded) prompt embeddings of micro-batch `micro` of iteration `it` on this process,
-        and the padded negative: every process and micro-batch takes its own prompt."""
-        accum, world = self.recipe.run.grad_accum, self.accelerator.num_processes
-        index = ((it * world + self.accelerator.process_index) * accum + micro) % len(self.embeds)
-        raw = self.embeds[index][None]
+    def _prompt(self, index: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(raw, padded) embeddings of prompt `index` and the padded negative."""
+        raw = self.embeds[index % len(self.embeds)][None]
         return raw, pad_context(raw).to(self.device), pad_context(self.negative[None]).to(self.device)
 
+    def _draw(self, it: int, micro: int) -> int:
+        """Which prompt (or teacher pair) micro-batch `micro` of iteration `it` takes on this process:
+        every process and micro-batch takes its own."""
+        accum, world = self.recipe.run.grad_accum, self.accelerator.num_processes
+        return (it * world + self.accelerator.process_index) * accum + micro
+
+    def _example(self, it: int, micro: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor | None]:
+        """(raw, padded, negative, truth): a prompt, and for teacher forcing the teacher's video of it."""
+        if self.recipe.stage != "teacher_forcing":
+            return *self._prompt(self._draw(it, micro)), None
+        pair = self._pair(self._draw(it, micro) % len(self.pairs))
+        return *self._prompt(pair.prompt), pair.states[-1]
+
     def iteration(self, it: int) -> StepLog:
-        began, rank, seed = time.perf_counter(), self.accelerator.process_index, self.recipe.run.seed
-        accum = self.recipe.run.grad_accum
-        generator_loss = None
-        if it % self.recipe.optim.critic_ratio == 0:
-            generator_loss = 0.0
-            for micro in range(accum):
-                raw, context, negative = self._context(it, micro)
-                g = keyed_generator(seed, it, rank, f"generator:{micro}")
-                video = self._rollout(raw, it, g, "generator")
-                t = critic_timestep(1, self.recipe.video.shift, g).to(self.device)
-                x_t = noised(video.detach(), torch.randn(video.shape, generator=g).to(self.device), t)
-                real, fake = self._scores(x_t, t, context, negative)
-                loss = dmd_loss(video, real, fake)
-                self._backward(GENERATOR, loss)
-                generator_loss += float(loss.detach()) / accum
-            self._step(GENERATOR)
-            self._update_ema(it)
-        critic_loss = 0.0
+        began = time.perf_counter()
+        if self.recipe.stage == "ode_init":
+            losses = {"ode": self._ode_update(it)}
+        else:
+            losses = {"dmd": self._generator_update(it)} if it % self.recipe.optim.critic_ratio == 0 else {}
+            losses["critic"] = self._critic_update(it)
+        return StepLog(it, losses, time.perf_counter() - began)
+
+    def _generator_update(self, it: int) -> float:
+        seed, rank, accum = self.recipe.run.seed, self.accelerator.process_index, self.recipe.run.grad_accum
+        total = 0.0
         for micro in range(accum):
-            raw, context, _ = self._context(it, micro)
+            raw, context, negative, truth = self._example(it, micro)
+            g = keyed_generator(seed, it, rank, f"generator:{micro}")
+            video = self._rollout(raw, it, g, "generator", truth)
+            t = critic_timestep(1, self.recipe.video.shift, g).to(self.device)
+            x_t = noised(video.detach(), torch.randn(video.shape, generator=g).to(self.device), t)
+            real, fake = self._scores(x_t, t, context, negative)
+            loss = dmd_loss(video, real, fake)
+            self._backward(GENERATOR, loss)
+            total += float(loss.detach()) / accum
+        self._step(GENERATOR)
+        self._update_ema(it)
+        return total
+
+    def _critic_update(self, it: int) -> float:
+        seed, rank, accum = self.recipe.run.seed, self.accelerator.process_index, self.recipe.run.grad_accum
+        total = 0.0
+        for micro in range(accum):
+            raw, context, _, truth = self._example(it, micro)
             g = keyed_generator(seed, it, rank, f"critic:{micro}")
             with torch.no_grad():
-                video = self._rollout(raw, it, g, "critic")
+                video = self._rollout(raw, it, g, "critic", truth)
             t = critic_timestep(1, self.recipe.video.shift, g).to(self.device)
             noise = torch.randn(video.shape, generator=g).to(self.device)
             with using(self.transformer, CRITIC), self.accelerator.autocast():
                 flow = self.model.bidirectional(noised(video, noise, t), t, context)
             loss = flow_loss(flow, video, noise)
             self._backward(CRITIC, loss)
-            critic_loss += float(loss.detach()) / accum
+            total += float(loss.detach()) / accum
         self._step(CRITIC)
-        return StepLog(it, generator_loss, critic_loss, time.perf_counter() - began)
+        return total
+
+    def _ode_update(self, it: int) -> float:
+        """One regression of the generator onto teacher trajectories (Self Forcing's ODE init)."""
+        v, accum = self.recipe.video, self.recipe.run.grad_accum
+        visible = visible_frames(self.shape[2], v.frames_per_block)
+        blocks = -(-self.shape[2] // v.frames_per_block)
+        total = 0.0
+        for micro in range(accum):
+            pair = self._pair(self._draw(it, micro) % len(self.pairs))
+            _, context, _ = self._prompt(pair.prompt)
+            g = keyed_generator(self.recipe.run.seed, it, self.accelerator.process_index, f"ode:{micro}")
+            levels = torch.randint(0, len(self.schedule), (blocks,), generator=g)
+            x, timestep, sigma = regression_inputs(pair.states, self.schedule, levels, v.frames_per_block)
+            with using(self.transformer, GENERATOR), self.accelerator.autocast():
+                flow = self.model.masked(x, timestep, context, visible)
+            loss = regression_loss(x, flow, sigma, pair.states[-1])
+            self._backward(GENERATOR, loss)
+            total += float(loss.detach()) / accum
+        self._step(GENERATOR)
+        self._update_ema(it)
+        return total
 
     def _update_ema(self, it: int) -> None:
         run = self.recipe.run
@@ -269,7 +382,7 @@ class Trainer:
             for it in range(self.start, run.steps):
                 log = self.iteration(it)
                 logs.append(log)
-                bar.set_postfix_str(f"gen {log.generator_loss or 0:.4f} critic {log.critic_loss:.4f} {log.seconds:.1f} s/step")
+                bar.set_postfix_str(f"{log.describe()}, {log.seconds:.1f} s/step")
                 bar.update(1)
                 if on_log and (it % run.log_every == 0 or it + 1 == run.steps):
                     on_log(log)
