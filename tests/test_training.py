@@ -81,15 +81,41 @@ def test_bad_recipes_are_refused_in_one_line_before_any_work(capsys, tmp_path, a
     assert not (tmp_path / "run").exists()
 
 
-def test_two_cpu_processes_train_the_same_adapters(tmp_path):
+def launch(*args: str, script: list[str] = ("-m", "sftools")) -> dict:
+    """Two gloo CPU processes through accelerate (with accelerate 1.x, `--cpu --num_processes 2`
+    starts one process); the report of the main one."""
     env = {**os.environ, "CUDA_VISIBLE_DEVICES": "", "ACCELERATE_USE_CPU": "true", "OMP_NUM_THREADS": "1"}
     r = subprocess.run([sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
-                        "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no", "-m", "sftools",
-                        "train", RECIPE, *FAST, "--set", "run.steps=2", "--output-dir", str(tmp_path / "ddp"), "--json"],
-                       capture_output=True, text=True, timeout=600, env=env)
+                        "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no", *script,
+                        "train", RECIPE, *FAST, *args, "--json"], capture_output=True, text=True, timeout=600, env=env,
+                       cwd=os.path.dirname(__file__))
     assert r.returncode == 0, r.stderr[-3000:]
-    report = json.loads(r.stdout.strip().splitlines()[-1])
+    return json.loads(r.stdout.strip().splitlines()[-1])
+
+
+@pytest.fixture(scope="module")
+def ddp_four_steps(tmp_path_factory):
+    out = tmp_path_factory.mktemp("ddp") / "run"
+    return out, launch("--set", "run.steps=4", "--output-dir", str(out))
+
+
+def test_two_cpu_processes_train_the_same_adapters(ddp_four_steps):
+    _, report = ddp_four_steps
     assert report["processes"] == 2 and report["adapters_identical_across_processes"] is True
+    assert report["sharded"] is False
+
+
+def test_fsdp_shards_the_base_and_resumes_to_what_ddp_trains(ddp_four_steps, tmp_path):
+    # FSDP2 over per-block units reduce-scatters the same averaged gradients DDP all-reduces, and
+    # its checkpoints gather adapters and optimizer states whole: stopping at step 2 and resuming
+    # under FSDP must land on the DDP run's adapter.
+    fsdp = ["fsdp_cpu.py"]
+    half = tmp_path / "fsdp"
+    assert launch("--set", "run.steps=2", "--output-dir", str(half), script=fsdp)["sharded"] is True
+    report = launch("--set", "run.steps=4", "--output-dir", str(half), "--resume", str(half), script=fsdp)
+    assert report["resumed_from"] == 2 and report["adapters_identical_across_processes"] is True
+    a, b = final(ddp_four_steps[0]), final(half)
+    assert a.keys() == b.keys() and all(torch.allclose(a[k], b[k], atol=1e-6) for k in a)
 
 
 def test_the_demos_training_stage_runs_the_tiny_recipe():
@@ -99,7 +125,7 @@ def test_the_demos_training_stage_runs_the_tiny_recipe():
     assert Recipe.from_dict(TRAIN_RECIPE) == load_recipe(RECIPE, ["run.steps=6"])
 
 
-@pytest.mark.parametrize("name", sorted(os.listdir(os.path.join(os.path.dirname(__file__), "..", "recipes"))))
+@pytest.mark.parametrize("name", sorted(n for n in os.listdir(os.path.dirname(RECIPE)) if n.endswith(".yaml")))
 def test_every_recipe_is_a_valid_recipe(name):
     import yaml
 
@@ -107,7 +133,19 @@ def test_every_recipe_is_a_valid_recipe(name):
 
     with open(os.path.join(os.path.dirname(RECIPE), name)) as f:
         recipe = _build(Recipe, yaml.safe_load(f), "")
-    recipe.video.check(), recipe.optim.check(), recipe.run.check()  # model paths are the user's to give
+    for part in (recipe.video, recipe.optim, recipe.run, recipe.ode):  # model paths are the user's to give
+        part.check()
+
+
+def test_the_fsdp_accelerate_config_is_what_the_cpu_test_launcher_uses():
+    import yaml
+
+    with open(os.path.join(os.path.dirname(RECIPE), "accelerate", "fsdp2.yaml")) as f:
+        config = yaml.safe_load(f)
+    fsdp = config["fsdp_config"]
+    assert config["distributed_type"] == "FSDP" and fsdp["fsdp_version"] == 2
+    assert fsdp["fsdp_auto_wrap_policy"] == "TRANSFORMER_BASED_WRAP"
+    assert fsdp["fsdp_transformer_layer_cls_to_wrap"] == "WanTransformerBlock"
 
 
 def test_bf16_and_gradient_checkpointing_train_on_the_cpu(tmp_path):

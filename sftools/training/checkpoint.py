@@ -29,7 +29,9 @@ def _flatten_optimizer(prefix: str, state: dict, tensors: dict, meta: dict) -> N
 
 
 def _unflatten_optimizer(prefix: str, tensors: dict, meta: dict) -> dict:
-    state = {int(i): {k: tensors[f"{prefix}.{i}.{k}"] for k in keys} for i, keys in meta[prefix]["state"].items()}
+    # A plain optimizer keys its state by parameter index, a gathered FSDP one by parameter name.
+    state = {int(i) if i.isdigit() else i: {k: tensors[f"{prefix}.{i}.{k}"] for k in keys}
+             for i, keys in meta[prefix]["state"].items()}
     return {"state": state, "param_groups": meta[prefix]["param_groups"]}
 
 

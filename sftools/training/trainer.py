@@ -7,8 +7,11 @@ Every iteration updates the critic with the flow-matching loss on a fresh no-gra
 block's exit step (AdamW with Self Forcing's betas, gradient clipping, then the EMA of the adapter).
 All randomness of an iteration comes from generators keyed by (seed, iteration, process), so a run
 repeats exactly, a resumed run continues exactly, and raising the step count continues the same run.
-Gradients are averaged over processes by hand after each backward: several forward calls, with
-adapters switched per call, go into one backward, which DDP's per-forward hooks do not allow.
+Across processes (DDP) gradients are averaged by hand after each backward: several forward calls,
+with adapters switched per call, go into one backward, which DDP's per-forward hooks do not allow.
+Under FSDP (an accelerate config with `distributed_type: FSDP`, `fsdp_version: 2`) the base and its
+adapters are sharded per Wan block, FSDP reduces the gradients itself, and checkpoints gather the
+full adapters and optimizer states before writing them.
 
 The recipe's `stage` picks what an iteration does: `self_forcing` as above; `teacher_forcing` the
 same with each rollout's cache refreshed from a teacher video instead of the generator's own blocks
@@ -24,14 +27,19 @@ import hashlib
 import json
 import os
 import time
+import warnings
 from dataclasses import dataclass
 
 import torch
 import torch.distributed as dist
+from torch.distributed.checkpoint.state_dict import StateDictOptions, get_optimizer_state_dict, set_optimizer_state_dict
+from torch.distributed.tensor import DTensor, distribute_tensor
 from accelerate import Accelerator
+from accelerate.utils import DistributedType
 from safetensors import safe_open
 from safetensors.torch import save_file
 
+from sftools.errors import SettingsError
 from sftools.io.output import progress
 from sftools.lora.forms import read_lora_file, write_lora
 from sftools.models.causal_wan import CausalWanModel
@@ -91,13 +99,18 @@ class Trainer:
         if recipe.run.gradient_checkpointing:
             self.transformer.enable_gradient_checkpointing()
         self.teacher = self._separate_teacher()
-        self.model = CausalWanModel(self.transformer)
         o = recipe.optim
-        self.params = {name: adapter_parameters(self.transformer, name) for name in (GENERATOR, CRITIC)}
         self.optimizers = {
-            GENERATOR: torch.optim.AdamW(self.params[GENERATOR], lr=o.lr, betas=o.betas, weight_decay=o.weight_decay),
-            CRITIC: torch.optim.AdamW(self.params[CRITIC], lr=o.lr_critic, betas=o.betas, weight_decay=o.weight_decay),
+            GENERATOR: torch.optim.AdamW(adapter_parameters(self.transformer, GENERATOR), lr=o.lr, betas=o.betas,
+                                         weight_decay=o.weight_decay),
+            CRITIC: torch.optim.AdamW(adapter_parameters(self.transformer, CRITIC), lr=o.lr_critic, betas=o.betas,
+                                      weight_decay=o.weight_decay),
         }
+        self.fsdp = self.accelerator.distributed_type == DistributedType.FSDP
+        if self.fsdp:
+            self._shard()
+        self.params = {name: adapter_parameters(self.transformer, name) for name in (GENERATOR, CRITIC)}
+        self.model = CausalWanModel(self.transformer)
         self.ema: dict[str, torch.Tensor] | None = None
         v = recipe.video
         self.schedule = few_step_schedule(v.steps, v.shift)
@@ -121,6 +134,18 @@ class Trainer:
             write_tiny_text_encoder(folder, text_dim=TINY_128.text_dim)
         self.accelerator.wait_for_everyone()
         return folder, d.text_encoder or folder
+
+    def _shard(self) -> None:
+        """FSDP2 through accelerate: model and optimizers prepared together (accelerate maps the
+        optimizers onto the sharded parameters). The separate teacher, if any, stays whole."""
+        if not getattr(self.accelerator, "is_fsdp2", False):
+            raise SettingsError("sftools trains with FSDP2: set fsdp_version: 2 in the accelerate config")
+        # FSDP2 warns that the transformer returns a view (its unpatchify reshape); every use of the
+        # output here is out of place, which is what the warning asks for.
+        warnings.filterwarnings("ignore", message="FSDP2-wrapped module .* returned a view tensor")
+        names = list(self.optimizers)
+        self.transformer, *prepared = self.accelerator.prepare(self.transformer, *self.optimizers.values())
+        self.optimizers = dict(zip(names, prepared))
 
     def _separate_teacher(self) -> torch.nn.Module | None:
         """The recipe's own teacher, if it names one (else the base with adapters off is the teacher)."""
@@ -217,7 +242,7 @@ class Trainer:
 
     def _step(self, name: str) -> None:
         params = self.params[name]
-        if self.accelerator.num_processes > 1:
+        if self.accelerator.num_processes > 1 and not self.fsdp:
             for p in params:
                 if p.grad is not None:
                     dist.all_reduce(p.grad)
@@ -333,33 +358,55 @@ class Trainer:
 
     # --- checkpoints and results ---------------------------------------------------------------
 
-    def save(self, step: int) -> None:
-        if not self.accelerator.is_main_process:
+    def _optimizer_state(self, name: str) -> dict:
+        """The optimizer's state dict; under FSDP gathered whole (every process must call this)."""
+        if not self.fsdp:
+            return self.optimizers[name].state_dict()
+        options = StateDictOptions(full_state_dict=True, cpu_offload=True)
+        return get_optimizer_state_dict(self.transformer, self.optimizers[name].optimizer, options=options)
+
+    def _load_optimizer_state(self, name: str, state: dict) -> None:
+        if not self.fsdp:
+            self.optimizers[name].load_state_dict(state)
             return
-        tensors = {f"adapter.{n}": p for name in (GENERATOR, CRITIC) for n, p in self._named(name)}
-        tensors.update({f"ema.{n}": v for n, v in (self.ema or {}).items()})
-        save_checkpoint(self.output_dir, step, tensors, {k: o.state_dict() for k, o in self.optimizers.items()},
-                        {"ema": self.ema is not None, "recipe": self.recipe.to_dict()}, self.recipe.run.keep_checkpoints)
+        # torch fills an empty optimizer state with a zero step over the parameters that require
+        # gradients before sharding the loaded one into it: those of this adapter.
+        with using(self.transformer, name):
+            set_optimizer_state_dict(self.transformer, self.optimizers[name].optimizer, optim_state_dict=state,
+                                     options=StateDictOptions(full_state_dict=True))
+
+    def save(self, step: int) -> None:
+        tensors = {f"adapter.{n}": _whole(p) for name in (GENERATOR, CRITIC) for n, p in self._named(name)}
+        tensors.update({f"ema.{n}": _whole(v) for n, v in (self.ema or {}).items()})
+        states = {name: self._optimizer_state(name) for name in self.optimizers}
+        if self.accelerator.is_main_process:
+            save_checkpoint(self.output_dir, step, tensors, states, {"ema": self.ema is not None,
+                            "recipe": self.recipe.to_dict()}, self.recipe.run.keep_checkpoints)
 
     def resume(self, path: str) -> None:
         tensors, states, meta = load_checkpoint(path, list(self.optimizers))
+        live = dict(p for name in (GENERATOR, CRITIC) for p in self._named(name))
         with torch.no_grad():
-            for name in (GENERATOR, CRITIC):
-                for n, p in self._named(name):
-                    p.copy_(tensors[f"adapter.{n}"])
+            for n, p in live.items():
+                p.copy_(_like(p, tensors[f"adapter.{n}"]))
         for name, state in states.items():
-            self.optimizers[name].load_state_dict(state)
-        self.ema = {n[len("ema."):]: v for n, v in tensors.items() if n.startswith("ema.")} if meta["ema"] else None
+            self._load_optimizer_state(name, state)
+        self.ema = {n: _like(live[n], tensors[f"ema.{n}"]) for n in self._ema_names(tensors)} if meta["ema"] else None
         self.start = int(meta["step"])
 
-    def generator_lora(self):
-        """The generator adapter as a LoRA, from its EMA once that has started."""
-        return adapter_lora(self.transformer, GENERATOR, self.ema)
+    @staticmethod
+    def _ema_names(tensors: dict) -> list[str]:
+        return [n[len("ema."):] for n in tensors if n.startswith("ema.")]
 
-    def write_final(self) -> dict[str, str]:
+    def generator_lora(self):
+        """The generator adapter as a LoRA, from its EMA once that has started (under FSDP every
+        process must call this: the adapter is gathered whole)."""
+        values = {n: _whole((self.ema or {}).get(n, p)) for n, p in self._named(GENERATOR)}
+        return adapter_lora(self.transformer, GENERATOR, values)
+
+    def write_final(self, lora) -> dict[str, str]:
         final = os.path.join(self.output_dir, "final")
         os.makedirs(final, exist_ok=True)
-        lora = self.generator_lora()
         meta = {"sftools.training.recipe": json.dumps(self.recipe.to_dict()), "sftools.training.ema": str(bool(self.ema))}
         out = {form: os.path.join(final, name) for form, name in (("comfyui", "lora.safetensors"),
                                                                   ("diffusers", "lora_diffusers.safetensors"))}
@@ -371,7 +418,7 @@ class Trainer:
         """Whether every process holds the same generator and critic adapters."""
         if self.accelerator.num_processes == 1:
             return True
-        flat = torch.cat([p.detach().float().flatten() for name in (GENERATOR, CRITIC) for _, p in self._named(name)])
+        flat = torch.cat([_whole(p).float().flatten() for name in (GENERATOR, CRITIC) for _, p in self._named(name)])
         gathered = self.accelerator.gather(flat[None])
         return bool((gathered == gathered[0]).all())
 
@@ -389,9 +436,22 @@ class Trainer:
                 if (it + 1) % run.checkpoint_every == 0 or it + 1 == run.steps:
                     self.save(it + 1)
         agree = self.adapters_agree()
-        outputs = self.write_final() if self.accelerator.is_main_process else {}
+        lora = self.generator_lora()
+        outputs = self.write_final(lora) if self.accelerator.is_main_process else {}
         return {"steps": run.steps, "resumed_from": self.start, "outputs": outputs, "processes": self.accelerator.num_processes,
+                "sharded": self.fsdp,
                 "adapters_identical_across_processes": agree, "seconds_per_step": [log.seconds for log in logs]}
+
+
+def _whole(tensor: torch.Tensor) -> torch.Tensor:
+    """A plain tensor: an FSDP shard gathered whole (a collective: every process calls it)."""
+    return (tensor.full_tensor() if isinstance(tensor, DTensor) else tensor).detach()
+
+
+def _like(param: torch.Tensor, whole: torch.Tensor) -> torch.Tensor:
+    """`whole` laid out as `param`: sharded the same way under FSDP, as is otherwise."""
+    whole = whole.to(param.device, param.dtype)
+    return distribute_tensor(whole, param.device_mesh, param.placements) if isinstance(param, DTensor) else whole
 
 
 def _trim(embeds: torch.Tensor) -> torch.Tensor:
