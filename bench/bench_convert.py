@@ -11,9 +11,7 @@ and prints throughput as a ratio to the copy, and peak RSS as a ratio to the lar
 
 from __future__ import annotations
 
-import argparse
 import os
-import shutil
 import subprocess
 import sys
 import time
@@ -21,7 +19,7 @@ import time
 import torch
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
-from bench.measure import run_sftools  # noqa: E402
+from bench.measure import block_args, run_sftools, timed_copy  # noqa: E402
 from sftools.wan.config import T2V_14B, base_shapes  # noqa: E402
 
 
@@ -34,21 +32,8 @@ def make_checkpoint(path: str, blocks: int) -> tuple[int, int]:
     return sum(sizes), max(sizes)
 
 
-def timed_copy(src: str, dst: str) -> float:
-    start = time.perf_counter()
-    shutil.copyfile(src, dst)
-    os.sync()
-    elapsed = time.perf_counter() - start
-    os.remove(dst)
-    return elapsed
-
-
 def main() -> None:
-    parser = argparse.ArgumentParser()
-    parser.add_argument("--blocks", type=int, default=4, help="14B blocks to write (1.4 GB fp32 each)")
-    parser.add_argument("--workdir", default=os.path.join(os.path.dirname(__file__), "out"))
-    args = parser.parse_args()
-    os.makedirs(args.workdir, exist_ok=True)
+    args = block_args(4, "1.4 GB fp32")
     src = os.path.join(args.workdir, "wan14b_blocks_fp32.pt")
     dst = os.path.join(args.workdir, "wan14b_blocks_bf16.safetensors")
     print(f"writing {args.blocks} Wan 14B blocks as an fp32 torch checkpoint ...", flush=True)

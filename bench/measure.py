@@ -1,4 +1,5 @@
-"""Running the sftools CLI in a fresh process and reading that process's own peak RSS.
+"""Running the sftools CLI in a fresh process and reading that process's own peak RSS, and what
+the conversion benchmarks share: their options and the plain-copy baseline.
 
 The child records its VmHWM at exit. (ru_maxrss of a child would count the parent's pages between
 fork and exec, and a benchmark parent may just have held a whole checkpoint.)
@@ -6,7 +7,9 @@ fork and exec, and a benchmark parent may just have held a whole checkpoint.)
 
 from __future__ import annotations
 
+import argparse
 import os
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -37,3 +40,23 @@ def run_sftools(*args: str) -> tuple[float, int]:
             return seconds, int(f.read())
     finally:
         os.remove(rss_file)
+
+
+def block_args(default_blocks: int, block_size: str) -> argparse.Namespace:
+    """`--blocks N` (Wan 14B blocks to write) and `--workdir DIR` (created)."""
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--blocks", type=int, default=default_blocks, help=f"14B blocks to write ({block_size} each)")
+    parser.add_argument("--workdir", default=os.path.join(os.path.dirname(__file__), "out"))
+    args = parser.parse_args()
+    os.makedirs(args.workdir, exist_ok=True)
+    return args
+
+
+def timed_copy(src: str, dst: str) -> float:
+    """Seconds to copy `src` to `dst` and sync it to disk (the baseline); `dst` is removed."""
+    start = time.perf_counter()
+    shutil.copyfile(src, dst)
+    os.sync()
+    elapsed = time.perf_counter() - start
+    os.remove(dst)
+    return elapsed

@@ -1,4 +1,5 @@
-"""`sftools convert`: any supported checkpoint to safetensors, in the original or diffusers layout.
+"""`sftools convert`: any supported checkpoint to safetensors, in the original or diffusers layout,
+or to the quantized forms ComfyUI users load (scaled fp8 safetensors, GGUF).
 
 A Wan 2.2 A14B folder (two experts) converts whole: each expert into the sub-folder its output
 layout gives it (`high_noise_model/` + `low_noise_model/`, or diffusers' `transformer/` +
@@ -10,18 +11,22 @@ from __future__ import annotations
 
 import json
 import os
+from collections import Counter
 from dataclasses import dataclass
 
 from sftools import __version__
-from sftools.errors import SftoolsError
-from sftools.io.dtypes import torch_dtype
+from sftools.errors import SettingsError, SftoolsError
+from sftools.io.dtypes import FP8_SCALED, KEEP, QUANT_CHOICES, quant_name, torch_dtype
+from sftools.io.gguf_io import GGUF_SUFFIX, write_gguf
 from sftools.io.lazy import Checkpoint, LazyTensor, dtype_counts, shared_count
 from sftools.io.output import (OUTPUT_SUFFIX, atomic_target, check_output_file, refuse_overwrite, write_file,
-                               write_sharded)
+                               write_ordered, write_sharded)
 from sftools.lora.keys import refuse_lora
 from sftools.wan.config import diffusers_config, wan_config
 from sftools.wan.detect import Description, describe_experts
 from sftools.wan.experts import EXPERT_FOLDERS, expert_folders
+from sftools.wan.fp8 import scaled_fp8_tensors
+from sftools.wan.gguf_form import ARCH, file_type, gguf_tensors
 from sftools.wan.source import describe, load_model, stored_config
 
 DEFAULT_SHARD_BYTES = 5 * 10**9
@@ -60,8 +65,9 @@ class _Source:
         }
 
 
-def _open(src: str, select: str | None, layout: str, dtype: str, expert: str | None = None) -> _Source:
-    ckpt = load_model(src, select, layout)
+def _open(src: str, select: str | None, layout: str, dtype: str, expert: str | None = None,
+          dequant: bool = False) -> _Source:
+    ckpt = load_model(src, select, layout, dequant)
     refuse_lora(src, ckpt.tensors)
     metadata = {
         **{k: v for k, v in ckpt.metadata.items() if k.startswith("sftools.")},
@@ -99,9 +105,12 @@ def convert_model(
     layout: str = "original",
     dtype: str = "keep",
     max_shard_bytes: int | None = None,
+    quant: str | None = None,
 ) -> dict:
     """Convert `src` to `dst` and return a report; the output is read back and compared before it
-    is renamed into place."""
+    is renamed into place. `dtype` fp8_e4m3fn_scaled, `quant` or a .gguf `dst` ask for a quantized form."""
+    if quant or dtype == FP8_SCALED or dst.endswith(GGUF_SUFFIX):
+        return convert_quantized(src, dst, select, layout, dtype, max_shard_bytes, quant)
     experts = expert_folders(src)
     if experts:
         return convert_experts(src, experts, dst, select, layout, dtype, max_shard_bytes)
@@ -149,3 +158,58 @@ def convert_experts(src: str, experts: dict[str, str], dst: str, select: str | N
         "dtypes": dtype_counts(t for s in sources.values() for t in s.tensors.values()),
         "notes": [f"{e}: {n}" for e, r in reports.items() for n in r["notes"]],
     }
+
+
+def convert_quantized(src: str, dst: str, select: str | None, layout: str, dtype: str, max_shard_bytes: int | None,
+                      quant: str | None) -> dict:
+    """`src` as one file in ComfyUI's scaled fp8 (`quant` None) or as a GGUF of type `quant` (the
+    other tensors cast by `dtype` first): fp8 sources are dequantized, every quantized tensor is
+    checked against its type's error bound, and the file is read back before it is renamed."""
+    quant = _quantized_form(dst, layout, dtype, max_shard_bytes, quant)
+    experts = expert_folders(src)
+    if experts:
+        raise SftoolsError(f"{src}: holds two Wan 2.2 A14B experts; quantize each into its own file "
+                           f"({', '.join(experts.values())})")
+    check_output_file(dst, [src], GGUF_SUFFIX if quant else OUTPUT_SUFFIX)
+    source = _open(src, select, layout, dtype if quant else KEEP, dequant=True)
+    if source.description.kind == "unknown":
+        raise SftoolsError(f"{src}: is not a Wan model (first key {next(iter(source.tensors))}); "
+                           f"quantized forms are written for Wan transformers and VACE modules")
+    refuse_overwrite(dst, source.ckpt.files)
+    written = _write_gguf(dst, source, quant) if quant else _write_scaled_fp8(dst, source)
+    return {**source.report(dst, [os.path.basename(dst)], layout), **written, "quant": quant or FP8_SCALED}
+
+
+def _write_gguf(dst: str, source: _Source, quant: str) -> dict:
+    tensors = gguf_tensors(source.tensors, quant)
+    metadata = {k: v for k, v in source.metadata.items() if k.startswith("sftools.")}
+    write_gguf(dst, tensors, ARCH, file_type(quant), metadata, desc="quantizing")
+    return {"tensors": len(tensors), "dtypes": dict(Counter(t.qtype.name for t in tensors)),
+            "bytes": sum(t.nbytes for t in tensors)}
+
+
+def _write_scaled_fp8(dst: str, source: _Source) -> dict:
+    ordered = scaled_fp8_tensors(source.tensors)
+    write_ordered(dst, ordered, source.metadata, desc="quantizing")
+    return {"tensors": len(ordered), "dtypes": dtype_counts(t for _, t in ordered),
+            "bytes": sum(t.nbytes for _, t in ordered)}
+
+
+def _quantized_form(dst: str, layout: str, dtype: str, max_shard_bytes: int | None, quant: str | None) -> str | None:
+    """The GGUF type asked for (None: scaled fp8), once options that do not combine are refused."""
+    try:
+        quant = quant_name(quant) if quant is not None else None
+    except ValueError as exc:
+        raise SettingsError(f"--quant {exc}") from None
+    gguf_dst = dst.endswith(GGUF_SUFFIX)
+    conflicts = [
+        (quant and dtype == FP8_SCALED, "--quant and --dtype fp8_e4m3fn_scaled ask for two output forms; give one"),
+        (quant is None and gguf_dst, f"{dst}: a GGUF output needs --quant {'|'.join(QUANT_CHOICES)}"),
+        (quant and not gguf_dst, f"{dst}: --quant writes GGUF; give a name ending in {GGUF_SUFFIX}"),
+        (max_shard_bytes, "quantized outputs are one file; drop --max-shard-size"),
+        (layout != "original", "quantized outputs keep the original Wan names ComfyUI loads; drop --layout diffusers"),
+    ]
+    for conflict, message in conflicts:
+        if conflict:
+            raise SettingsError(message)
+    return quant

@@ -16,3 +16,8 @@ class UnsafeCheckpoint(SftoolsError):
 
 class SettingsError(SftoolsError):
     """A setting out of range or of the wrong kind; the command line reports it as a usage error (exit 2)."""
+
+
+class QuantizationError(SftoolsError):
+    """A tensor a quantized form cannot hold (inf or nan), or quantized values that read back
+    outside the error bound of their type; nothing is renamed into place."""

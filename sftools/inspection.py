@@ -11,6 +11,7 @@ from sftools.lora.describe import describe_lora
 from sftools.lora.keys import is_lora
 from sftools.wan.detect import Description, describe_experts
 from sftools.wan.experts import expert_folders
+from sftools.wan.fp8 import dequantize
 from sftools.wan.layouts import unwrap
 from sftools.wan.source import describe
 
@@ -22,10 +23,11 @@ def inspect_file(path: str, select: str | None = None, expert: str | None = None
         return inspect_experts(path, experts, select)
     raw = open_checkpoint(path)
     if is_lora(raw.tensors):
-        ckpt, description = raw, describe_lora({n: t.shape for n, t in raw.tensors.items()})
+        ckpt, description, notes = raw, describe_lora({n: t.shape for n, t in raw.tensors.items()}), raw.notes
     else:
         ckpt = unwrap(raw, select)
-        description = describe(ckpt, expert)
+        weights = dequantize(ckpt)  # an fp8 file is described by its weights; scales and marker are no model keys
+        description, notes = describe(weights, expert), weights.notes
     return {
         "path": path,
         "format": ckpt.format,
@@ -37,7 +39,7 @@ def inspect_file(path: str, select: str | None = None, expert: str | None = None
         # What sftools recorded when it wrote the file (source, rank mode, fingerprints, merged-from).
         "sftools_metadata": {k: v for k, v in sorted(ckpt.metadata.items()) if k.startswith("sftools.") and v
                              and k != "sftools.config"},
-        "notes": ckpt.notes,
+        "notes": notes,
     }
 
 

@@ -43,6 +43,9 @@ class LazyTensor:
     # For tensors stored contiguously: yields the flat tensor in pieces read into one reused buffer
     # (each piece is valid until the next is asked for), so copying never touches fresh memory.
     chunks: Callable[[], Iterator[torch.Tensor]] | None = field(default=None, repr=False, compare=False)
+    # The file's own type when torch has none for it (a GGUF block type such as "Q8_0"); the tensor
+    # then loads dequantized, as `dtype`. Reports count this name, so they say what the file holds.
+    stored: str | None = field(default=None, compare=False)
 
     @property
     def numel(self) -> int:
@@ -120,5 +123,5 @@ def shared_count(storage_keys) -> int:
 
 
 def dtype_counts(tensors) -> dict[str, int]:
-    """{'bfloat16': 54, ...} for anything with a `.dtype`."""
-    return dict(Counter(str(t.dtype).removeprefix("torch.") for t in tensors))
+    """{'bfloat16': 54, 'Q8_0': 240, ...} for anything with a `.dtype` (a lazy tensor's `stored` type first)."""
+    return dict(Counter(getattr(t, "stored", None) or str(t.dtype).removeprefix("torch.") for t in tensors))

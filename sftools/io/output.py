@@ -66,10 +66,12 @@ def refuse_overwrite(output: str, inputs: Iterable[str], is_dir: bool = False) -
             raise SftoolsError(f"{output}: lies inside the input folder {path}; write the output somewhere else")
 
 
-def check_file_name(output: str) -> None:
-    """Outputs are safetensors files, and their names say so (so every tool agrees what they are)."""
-    if not output.endswith(OUTPUT_SUFFIX):
-        raise SftoolsError(f"{output}: output files are safetensors; give a name ending in {OUTPUT_SUFFIX}")
+def check_file_name(output: str, suffix: str = OUTPUT_SUFFIX) -> None:
+    """Outputs are safetensors files (or GGUF, `suffix` .gguf), and their names say so (so every
+    tool agrees what they are)."""
+    if not output.endswith(suffix):
+        kind = "safetensors" if suffix == OUTPUT_SUFFIX else suffix.lstrip(".").upper()
+        raise SftoolsError(f"{output}: output files are {kind}; give a name ending in {suffix}")
 
 
 def check_destination(dst: str) -> None:
@@ -83,12 +85,12 @@ def check_destination(dst: str) -> None:
         raise SftoolsError(f"{dst}: folder {parent} is not writable")
 
 
-def check_output_file(output: str, inputs: Iterable[str] = ()) -> None:
-    """Everything a safetensors output file must pass before any work: its name, its folder, and
-    not being one of `inputs`."""
+def check_output_file(output: str, inputs: Iterable[str] = (), suffix: str = OUTPUT_SUFFIX) -> None:
+    """Everything an output file must pass before any work: its name, its folder, and not being
+    one of `inputs`."""
     refuse_overwrite(output, inputs)
     check_destination(output)
-    check_file_name(output)
+    check_file_name(output, suffix)
 
 
 def _crc(text: str) -> str:
@@ -181,14 +183,31 @@ def _replace_dir(tmp: str, dst: str) -> None:
 
 def write_file(dst: str, tensors: Mapping[str, LazyTensor], metadata: dict[str, str], desc: str = "writing") -> None:
     """One safetensors file, written atomically and verified."""
+    write_ordered(dst, plan_order(tensors.items()), metadata, desc)
+
+
+def write_ordered(dst: str, ordered: list[Named], metadata: dict[str, str], desc: str = "writing") -> None:
+    """`write_file` in the caller's order (a tensor can then be produced right after the one it is
+    computed with); each tensor must still start at a multiple of its element size."""
     check_file_name(dst)
-    ordered = plan_order(tensors.items())
+    _check_alignment(ordered)
     total = sum(t.nbytes for _, t in ordered)
     with atomic_target(dst) as tmp:
         with progress(total, desc) as bar:
             crcs = write_safetensors(tmp, ordered, metadata, on_bytes=bar.update)
         with progress(total, "verifying") as bar:
             verify_safetensors(tmp, crcs, on_bytes=bar.update)
+
+
+def _check_alignment(ordered: list[Named]) -> None:
+    """Readers that map the file view each tensor in place, which needs it aligned (the header is
+    padded to 8 bytes, so offsets count from an aligned start)."""
+    offset = 0
+    for name, t in ordered:
+        if offset % t.dtype.itemsize:
+            raise SftoolsError(f"tensor {name} would start at byte {offset}, not a multiple of its "
+                               f"{t.dtype.itemsize}-byte elements")
+        offset += t.nbytes
 
 
 def write_sharded(

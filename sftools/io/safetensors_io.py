@@ -192,12 +192,19 @@ def verify_safetensors(path: str, crcs: dict[str, int], on_bytes: Callable[[int]
     with open(path, "rb", buffering=0) as f:
         for name, expected in crcs.items():
             begin, end = header[name]["data_offsets"]
-            f.seek(start + begin)
-            crc = 0
-            for at in range(begin, end, CHUNK_BYTES):
-                n = f.readinto(memoryview(buf)[: min(CHUNK_BYTES, end - at)])
-                crc = zlib.crc32(memoryview(buf)[:n], crc)
-                if on_bytes:
-                    on_bytes(n)
-            if crc != expected:
+            if file_crc(f, start + begin, end - begin, buf, on_bytes) != expected:
                 raise SftoolsError(f"{path}: tensor {name} reads back different bytes")
+
+
+def file_crc(f, offset: int, size: int, buf: bytearray, on_bytes: Callable[[int], None] | None = None) -> int:
+    """CRC32 of `size` bytes of the unbuffered file `f` from `offset`, read in pieces into `buf`."""
+    f.seek(offset)
+    crc = 0
+    for at in range(0, size, len(buf)):
+        n = f.readinto(memoryview(buf)[: min(len(buf), size - at)])
+        if not n:
+            break  # a short file: the CRC then differs
+        crc = zlib.crc32(memoryview(buf)[:n], crc)
+        if on_bytes:
+            on_bytes(n)
+    return crc

@@ -6,6 +6,7 @@ from collections import Counter
 
 from sftools.errors import SftoolsError
 from sftools.io.formats import sniff
+from sftools.io.gguf_io import file_nbytes
 from sftools.io.lazy import dtype_counts, shared_count
 from sftools.io.pickle_vm import is_allowed
 from sftools.io.sources import open_checkpoint
@@ -20,10 +21,8 @@ def scan_file(path: str) -> dict:
         if "no such file" in str(exc):
             raise
         return _refused(path, "unknown", str(exc))
-    if kind in ("folder", "safetensors") or path.endswith(".index.json"):
-        return _scan_safetensors(path, kind)
-    if kind == "gguf":
-        return _refused(path, kind, f"{path}: is a GGUF file; sftools reads safetensors and torch checkpoints")
+    if kind in ("folder", "safetensors", "gguf") or path.endswith(".index.json"):
+        return _scan_tensor_file(path, kind)
     scan = scan_pickle(path)
     counts = Counter(str(g) for g in scan.globals)
     allowed = {str(g): is_allowed(g) for g in scan.globals}
@@ -48,7 +47,8 @@ def _refused(path: str, fmt: str, reason: str) -> dict:
     return {"path": path, "format": fmt, "safe": False, "refusals": [reason]}
 
 
-def _scan_safetensors(path: str, kind: str) -> dict:
+def _scan_tensor_file(path: str, kind: str) -> dict:
+    """Safetensors and GGUF: formats of tensors and plain values only, read by their own libraries."""
     try:
         ckpt = open_checkpoint(path)
     except SftoolsError as exc:
@@ -61,6 +61,6 @@ def _scan_safetensors(path: str, kind: str) -> dict:
         "globals": [],
         "tensors": len(ckpt.tensors),
         "dtypes": dtype_counts(ckpt.tensors.values()),
-        "bytes": sum(t.nbytes for t in ckpt.tensors.values()),
+        "bytes": sum(file_nbytes(t) for t in ckpt.tensors.values()),
         "metadata": ckpt.metadata,
     }

@@ -1,7 +1,8 @@
 """One entry point for every weight source a command accepts.
 
 A `.safetensors` file, a sharded folder or its `*.safetensors.index.json`, a diffusers model or
-pipeline folder, or a pickled checkpoint (read by the symbolic reader, never by `torch.load`).
+pipeline folder, a GGUF file (block-quantized tensors read dequantized), or a pickled checkpoint
+(read by the symbolic reader, never by `torch.load`).
 What a file is comes from its bytes (`formats.sniff`), not its name.
 """
 
@@ -14,6 +15,7 @@ import re
 
 from sftools.errors import SftoolsError
 from sftools.io.formats import sniff
+from sftools.io.gguf_io import read_gguf
 from sftools.io.lazy import Checkpoint
 from sftools.io.safetensors_io import read_safetensors
 from sftools.io.torch_pickle import read_pickle_checkpoint
@@ -31,7 +33,7 @@ def open_checkpoint(path: str) -> Checkpoint:
     if kind == "safetensors":
         return read_safetensors(path)
     if kind == "gguf":
-        raise SftoolsError(f"{path}: is a GGUF file; sftools reads safetensors and torch checkpoints")
+        return read_gguf(path)
     return read_pickle_checkpoint(path)
 
 
