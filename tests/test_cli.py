@@ -120,7 +120,8 @@ print("TORCH-IMPORTED" if "torch" in sys.modules else "NO-TORCH")
 
 
 @pytest.mark.parametrize("args", [["--help"], ["lora", "--help"], ["lora", "extract", "--help"], ["convert", "--help"],
-                                  ["convert"], ["lora", "merge", "x"], ["bogus"]])
+                                  ["convert"], ["lora", "merge", "x"], ["bogus"], ["lora", "check", "--help"],
+                                  ["lora", "check", "x", "--loader", "bogus"], ["lora", "convert", "x", "-o", "y"]])
 def test_help_and_usage_errors_answer_without_importing_torch(args):
     r = subprocess.run([sys.executable, "-c", HELP_PROBE, *args], capture_output=True, text=True, timeout=60)
     assert r.stdout.strip().endswith("NO-TORCH"), r.stdout + r.stderr

@@ -37,9 +37,11 @@ from sftools.io.lazy import CASTABLE, Checkpoint
 from sftools.io.output import (OUTPUT_SUFFIX, check_destination, check_output_file, progress, refuse_overwrite,
                                write_text)
 from sftools.io.safetensors_io import tensor_bytes
-from sftools.lora.forms import Lora, diffusers_problems, write_lora
-from sftools.lora.keys import FORMS, refuse_lora
-from sftools.lora.settings import ExtractSettings
+from sftools.lora.check import check_file
+from sftools.lora.forms import Lora, write_lora
+from sftools.lora.keys import refuse_lora
+from sftools.lora.loaders import LOADER_NAMES
+from sftools.lora.settings import ExtractSettings, WriteAs
 from sftools.lora.svd import choose_rank, factorize
 from sftools.wan.detect import describe_weights
 from sftools.wan.experts import expert_pairs, refuse_crossed_experts
@@ -76,8 +78,9 @@ class ExtractReport:
     seconds: float = 0.0
     output: str | None = None
     form: str | None = None
-    not_in_form: list[str] = field(default_factory=list)  # parameters the form could not carry
-    diffusers_problems: list[str] = field(default_factory=list)  # why diffusers would refuse the file
+    loader: str | None = None  # written with --for this loader
+    not_in_form: list[str] = field(default_factory=list)  # parameters the form (or the loader) could not carry
+    loaders: dict[str, dict] = field(default_factory=dict)  # per loader, what it does with the file written
     tool: str = f"sftools {__version__}"
 
     @property
@@ -183,15 +186,15 @@ def extract_pair(base: Checkpoint, tuned: Checkpoint, settings: ExtractSettings)
 
 
 def extract_to_file(base_path: str, tuned_path: str, output: str, settings: ExtractSettings = ExtractSettings(),
-                    form: str = "comfyui", report_path: str | None = None) -> ExtractReport:
+                    write_as: WriteAs = WriteAs(), report_path: str | None = None) -> ExtractReport:
     """Extract and write the LoRA (and the report as JSON), refusing, before any work, destinations
     that could not be written or that are inputs."""
-    _check_form_and_report(form, report_path, [output])
+    _check_report_name(report_path, [output])
     base, tuned = open_pair(base_path, tuned_path)
     inputs = [base_path, tuned_path, *base.files, *tuned.files]
     check_output_file(output, inputs)
     _check_report(report_path, inputs)
-    report = _extract_and_write(base, tuned, output, settings, form)
+    report = _extract_and_write(base, tuned, output, settings, write_as)
     if report_path:
         write_text(report_path, json.dumps(report.to_dict(), indent=1))
     return report
@@ -203,7 +206,7 @@ def expert_lora_name(tuned_path: str, expert: str) -> str:
 
 
 def extract_experts_to_folder(base_path: str, tuned_path: str, folder: str, settings: ExtractSettings = ExtractSettings(),
-                              form: str = "comfyui", report_path: str | None = None) -> dict[str, ExtractReport]:
+                              write_as: WriteAs = WriteAs(), report_path: str | None = None) -> dict[str, ExtractReport]:
     """One LoRA per expert of two Wan 2.2 A14B folders, written into `folder` (created if missing) as
     `expert_lora_name`; the report, when asked, is one JSON `{"experts": {expert: report}}`. Every
     pair and destination is checked before any tensor is read."""
@@ -214,7 +217,7 @@ def extract_experts_to_folder(base_path: str, tuned_path: str, folder: str, sett
         raise SftoolsError(f"{folder}: with Wan 2.2 A14B folders as inputs -o names a folder, "
                            "into which one LoRA per expert is written")
     outputs = {e: os.path.join(folder, expert_lora_name(tuned_path, e)) for e in pairs}
-    _check_form_and_report(form, report_path, list(outputs.values()))
+    _check_report_name(report_path, list(outputs.values()))
     opened = {e: open_pair(b, t) for e, (b, t) in pairs.items()}
     inputs = [base_path, tuned_path, *(f for pair in opened.values() for side in pair for f in side.files)]
     for root in (base_path, tuned_path):
@@ -226,15 +229,13 @@ def extract_experts_to_folder(base_path: str, tuned_path: str, folder: str, sett
         check_destination(output if os.path.isdir(folder) else folder)
     _check_report(report_path, inputs)
     os.makedirs(folder, exist_ok=True)
-    reports = {e: _extract_and_write(*opened[e], outputs[e], settings, form) for e in pairs}
+    reports = {e: _extract_and_write(*opened[e], outputs[e], settings, write_as) for e in pairs}
     if report_path:
         write_text(report_path, json.dumps({"experts": {e: r.to_dict() for e, r in reports.items()}}, indent=1))
     return reports
 
 
-def _check_form_and_report(form: str, report_path: str | None, outputs: list[str]) -> None:
-    if form not in FORMS:
-        raise SftoolsError(f"LoRA form {form!r} is not one of {', '.join(FORMS)}")
+def _check_report_name(report_path: str | None, outputs: list[str]) -> None:
     if report_path and not report_path.endswith(".json"):
         raise SettingsError(f"--report {report_path}: name a .json file (the report is JSON)")
     if report_path and any(os.path.realpath(report_path) == os.path.realpath(o) for o in outputs):
@@ -248,11 +249,12 @@ def _check_report(report_path: str | None, inputs: list[str]) -> None:
 
 
 def _extract_and_write(base: Checkpoint, tuned: Checkpoint, output: str, settings: ExtractSettings,
-                       form: str) -> ExtractReport:
+                       write_as: WriteAs) -> ExtractReport:
     lora, report = extract_pair(base, tuned, settings)
-    report.output, report.form = output, form
-    report.diffusers_problems = diffusers_problems(lora) if form == "comfyui" else []
-    report.not_in_form = write_lora(output, lora, form, torch_dtype(report.dtype), report.metadata())
+    report.output, report.form, report.loader = output, write_as.file_form, write_as.loader
+    report.not_in_form = write_lora(output, lora, write_as.form, torch_dtype(report.dtype), report.metadata(),
+                                    write_as.loader)
+    report.loaders = {name: v.to_dict() for name, v in check_file(output, LOADER_NAMES).verdicts.items()}
     return report
 
 

@@ -5,20 +5,22 @@ In memory a LoRA is deltas on original-named parameters with the scale baked in:
 
 On disk (the key grammar is `lora.keys`):
 - comfyui (written, default): `diffusion_model.<original module>.lora_up.weight` / `.lora_down.weight`,
-  dense `.diff` (weights and parameters such as `modulation`) and `.diff_b` (biases). ComfyUI,
-  Kijai's wrapper, LightX2V and diffusers' Wan converter read it.
+  dense `.diff` (weights and parameters such as `modulation`) and `.diff_b` (biases). ComfyUI and
+  Kijai's wrapper apply all of it; LightX2V, Wan2GP, DiffSynth-Studio and diffusers part of it.
 - diffusers (written): peft names `transformer.<diffusers module>.lora_A.weight` / `.lora_B.weight`,
   bias deltas as `.lora_B.bias`, the `LoraConfig` as JSON in the `lora_adapter_metadata` metadata.
-  peft has no dense diffs, so those are left out and listed. Only diffusers and peft load this
-  form; ComfyUI, Kijai's wrapper, LightX2V, Wan2GP and DiffSynth-Studio drop or refuse it.
+  peft has no dense diffs, so those are left out and listed. Only diffusers and peft load all of it.
+- for a loader (`loader_tensors`, `--for`): that loader's spelling (`loaders.py`), holding only what
+  it applies, the rest named.
 - read as well: `lora_A` / `lora_B` spellings with `diffusion_model.`, `.alpha` keys, kohya / musubi
   `lora_unet_<module with _>`, and LightX2V's `blocks.N.diff_m` (modulation).
+
+`check.py` and `loaders.py` say, key by key, what each loader does with any of these files.
 """
 
 from __future__ import annotations
 
 import json
-import re
 from collections import Counter
 from dataclasses import dataclass, field
 
@@ -29,7 +31,9 @@ from sftools.io.lazy import Checkpoint, LazyTensor
 from sftools.io.dtypes import torch_dtype
 from sftools.io.output import check_output_file, write_file
 from sftools.io.sources import open_checkpoint
-from sftools.lora.keys import FORMS, comfyui_key, diffusers_key, parse_key, target_param
+from sftools.lora.check import check_keys
+from sftools.lora.keys import FORMS, comfyui_key, diffusers_key, lora_param, parse_key, target_param
+from sftools.lora.loaders import LOADERS, Spelling
 from sftools.wan.keys import ORIGINAL_KEY, diffusers_name_to_original, original_to_diffusers
 
 
@@ -166,22 +170,23 @@ def _adapter_config(path: str, metadata: dict[str, str]) -> dict:
     return config
 
 
-def lora_tensors(lora: Lora, form: str) -> tuple[dict[str, torch.Tensor], dict[str, str], list[str]]:
-    """The file's tensors, extra metadata, and the parameters this form cannot carry."""
+def lora_tensors(lora: Lora, form: str, modulation: str = "diff") -> tuple[dict[str, torch.Tensor], dict[str, str], list[str]]:
+    """The file's tensors, extra metadata, and the parameters this form cannot carry; `modulation`
+    (`diff` or `diff_m`) is how the comfyui form spells a change of a `modulation` parameter."""
     if form == "comfyui":
-        return _comfyui_tensors(lora), {}, []
+        return _comfyui_tensors(lora, modulation), {}, []
     if form == "diffusers":
         return _diffusers_tensors(lora)
     raise SftoolsError(f"LoRA form {form!r} is not one of {', '.join(FORMS)}")
 
 
-def _comfyui_tensors(lora: Lora) -> dict[str, torch.Tensor]:
+def _comfyui_tensors(lora: Lora, modulation: str) -> dict[str, torch.Tensor]:
     out = {}
     for param, (up, down) in lora.factors.items():
         out[comfyui_key(param, "up")] = up
         out[comfyui_key(param, "down")] = down
     for param, diff in lora.diffs.items():
-        out[comfyui_key(param, "diff")] = diff
+        out[comfyui_key(param, modulation if param.endswith("modulation") else "diff")] = diff
     return out
 
 
@@ -213,33 +218,68 @@ def _diffusers_tensors(lora: Lora) -> tuple[dict[str, torch.Tensor], dict[str, s
     return out, {"lora_adapter_metadata": json.dumps(packed, sort_keys=True)}, dropped
 
 
-def diffusers_problems(lora: Lora) -> list[str]:
-    """Why diffusers' Wan LoRA converter (`_convert_non_diffusers_wan_lora_to_diffusers`) would refuse
-    this LoRA in the comfyui form; empty when it loads."""
-    params = lora.params
-    problems = []
-    if not any(p.startswith("blocks.") for p in params):
-        problems.append("it has no blocks.N keys, which the converter requires")
-    if any(p.startswith("vace_blocks.") for p in params):
-        problems.append("it targets vace_blocks, which the converter has no mapping for")
-    for p in params:
-        if p.endswith(".bias") and p.removesuffix(".bias") + ".weight" not in lora.factors \
-                and re.match(r"^(text_embedding|time_embedding)\.", p):
-            problems.append(f"{p} changes without factors for its weight, which the converter requires")
-    return problems
+def respell(lora: Lora, spelling: Spelling) -> tuple[Lora, list[str]]:
+    """`lora` as a loader's spelling writes it, and the parameters it leaves out (modulation, where the
+    loader has no place for it). A parameter with both factors and a diff, or with factors of a rank
+    the loader does not multiply, becomes one dense change; a dense change of a 2-D weight becomes
+    an exact full-rank pair where the loader reads only pairs."""
+    out = Lora(metadata=lora.metadata, dtype=lora.dtype, files=lora.files)
+    left_out = []
+    for param in lora.params:
+        factors, diff = lora.factors.get(param), lora.diffs.get(param)
+        if param.endswith("modulation") and spelling.modulation is None:
+            left_out.append(param)
+        elif diff is None and factors[1].dim() in spelling.factor_ndims:
+            out.factors[param] = factors
+        else:
+            shape = tuple(diff.shape) if diff is not None else (factors[0].shape[0], *factors[1].shape[1:])
+            dense = lora.delta(param, shape)
+            if dense.dim() == 2 and param.endswith(".weight") and spelling.dense_2d == "factors":
+                out.factors[param] = full_rank_pair(dense)
+            else:
+                out.diffs[param] = dense
+    return out, left_out
 
 
-def write_lora(path: str, lora: Lora, form: str, dtype: torch.dtype, metadata: dict[str, str]) -> list[str]:
-    """Write atomically in `form`; returns the parameters the form could not carry."""
-    tensors, extra, dropped = lora_tensors(lora, form)
+def full_rank_pair(dense: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(up, down) with up @ down == dense exactly: an identity on the smaller side (rank min(m, n))."""
+    m, n = dense.shape
+    return (torch.eye(m), dense) if m <= n else (dense, torch.eye(n))
+
+
+def loader_tensors(lora: Lora, name: str) -> tuple[dict[str, torch.Tensor], dict[str, str], list[str]]:
+    """The tensors and metadata of `lora` in loader `name`'s spelling, holding only keys that loader
+    applies, and the parameters left out (sorted)."""
+    loader = LOADERS[name]
+    spelled, left_out = respell(lora, loader.spelling)
+    while True:
+        tensors, extra, dropped = lora_tensors(spelled, loader.spelling.form, loader.spelling.modulation or "diff")
+        verdict = check_keys({k: tuple(v.shape) for k, v in tensors.items()}, loader)
+        unapplied = {lora_param(parse_key(k)) for k, (effect, _) in verdict.effects.items() if effect != "apply"} - {None}
+        if not unapplied:
+            break
+        for param in unapplied:
+            spelled.factors.pop(param, None)
+            spelled.diffs.pop(param, None)
+        left_out += unapplied
+        if not spelled.params:
+            raise SftoolsError(f"{loader.title} can apply none of this LoRA's changes")
+    return tensors, extra, sorted(set(left_out + dropped))
+
+
+def write_lora(path: str, lora: Lora, form: str, dtype: torch.dtype, metadata: dict[str, str],
+               loader: str | None = None) -> list[str]:
+    """Write atomically in `form`, or in `loader`'s spelling with only what it applies; returns the
+    parameters left out."""
+    tensors, extra, dropped = loader_tensors(lora, loader) if loader else lora_tensors(lora, form)
     lazy = {k: LazyTensor.of(v).map(lambda t: t.to(dtype).contiguous(), dtype) for k, v in tensors.items()}
     write_file(path, lazy, {"format": "pt", **metadata, **extra}, desc="writing LoRA")
     return dropped
 
 
-def convert_lora(src: str, out: str, form: str, dtype: str = "keep") -> list[str]:
-    """Re-write any readable LoRA form as `form`; returns the parameters the form could not carry."""
+def convert_lora(src: str, out: str, form: str | None, dtype: str = "keep", loader: str | None = None) -> list[str]:
+    """Re-write any readable LoRA in `form`, or for `loader`; returns the parameters left out."""
     check_output_file(out, [src])
     lora = read_lora_file(src)
     check_output_file(out, lora.files)
-    return write_lora(out, lora, form, torch_dtype(dtype) or lora.dtype, {"sftools.converted_from": src})
+    return write_lora(out, lora, form, torch_dtype(dtype) or lora.dtype, {"sftools.converted_from": src}, loader)

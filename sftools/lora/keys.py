@@ -17,13 +17,14 @@ import re
 from dataclasses import dataclass
 
 from sftools.errors import SftoolsError
-from sftools.wan.keys import ORIGINAL_KEY
+from sftools.wan.keys import ORIGINAL_KEY, diffusers_name_to_original
 
 FORMS = ("comfyui", "diffusers")
 COMFYUI_PREFIX = "diffusion_model."
 DIFFUSERS_PREFIX = "transformer."
 KOHYA_PREFIX = "lora_unet_"
 _ORIGINAL_PREFIXES = ("model.diffusion_model.", COMFYUI_PREFIX)
+PREFIXES = (DIFFUSERS_PREFIX, KOHYA_PREFIX, *_ORIGINAL_PREFIXES, "")
 # suffix -> part; longest first where one ends another (`.diff_b` before `.diff`).
 SUFFIXES = (
     (".lora_up.weight", "up"), (".lora_down.weight", "down"), (".lora_B.weight", "up"), (".lora_A.weight", "down"),
@@ -41,6 +42,8 @@ class LoraKey:
     spelling: str  # "original" (comfyui, kohya after un-underscoring) | "diffusers"
     module: str  # in original names for "original", in diffusers names for "diffusers"
     part: str  # up | down | alpha | diff | diff_b | diff_m
+    prefix: str = ""  # as written: one of PREFIXES
+    suffix: str = ""  # as written: one of SUFFIXES' spellings
 
 
 def parse_key(name: str) -> LoraKey | None:
@@ -48,15 +51,13 @@ def parse_key(name: str) -> LoraKey | None:
     suffix, part = next(((s, p) for s, p in SUFFIXES if name.endswith(s)), (None, None))
     if suffix is None:
         return None
-    module = name[: -len(suffix)]
-    if module.startswith(DIFFUSERS_PREFIX):
-        return LoraKey("diffusers", module[len(DIFFUSERS_PREFIX):], part)
-    if module.startswith(KOHYA_PREFIX):
-        return LoraKey("original", kohya_module(module[len(KOHYA_PREFIX):]), part)
-    for prefix in _ORIGINAL_PREFIXES:
-        if module.startswith(prefix):
-            return LoraKey("original", module[len(prefix):], part)
-    return LoraKey("original", module, part)
+    prefix = next(p for p in PREFIXES if name.startswith(p))
+    module = name[len(prefix): -len(suffix)]
+    if prefix == DIFFUSERS_PREFIX:
+        return LoraKey("diffusers", module, part, prefix, suffix)
+    if prefix == KOHYA_PREFIX:
+        module = kohya_module(module)
+    return LoraKey("original", module, part, prefix, suffix)
 
 
 def is_lora(names) -> bool:
@@ -90,8 +91,25 @@ def target_param(module: str, part: str) -> str:
     return module + ".weight"
 
 
+def lora_param(key: LoraKey) -> str | None:
+    """The original parameter a parsed key changes; None when its diffusers name has no original one."""
+    module = key.module
+    if key.spelling == "diffusers":
+        try:
+            weight = diffusers_name_to_original(module + ".weight")
+        except SftoolsError:
+            return None
+        if weight is None:
+            return None
+        module = weight.removesuffix(".weight")
+    return target_param(module, key.part)
+
+
 def comfyui_key(param: str, part: str) -> str:
-    """The comfyui-form key of a factor (`up`, `down`) or dense change (`diff`) of original `param`."""
+    """The comfyui-form key of a factor (`up`, `down`) or dense change (`diff`) of original `param`;
+    `diff_m` spells a `modulation` change LightX2V's way (`blocks.N.diff_m`)."""
+    if part == "diff_m":
+        return f"{COMFYUI_PREFIX}{param.removesuffix('.modulation')}.diff_m"
     if part in FACTOR_PARTS:
         return f"{COMFYUI_PREFIX}{param.removesuffix('.weight')}.lora_{part}.weight"
     if param.endswith(".bias"):

@@ -13,6 +13,8 @@ from dataclasses import dataclass, field
 from sftools.devices import check_device_name
 from sftools.errors import SettingsError
 from sftools.io.dtypes import DTYPE_CHOICES
+from sftools.lora.keys import FORMS
+from sftools.lora.loaders import LOADER_NAMES, LOADERS
 
 RANK_MODES = ("fixed", "energy")
 SVD_METHODS = ("randomized", "exact")
@@ -104,3 +106,22 @@ class ExtractSettings:
         _choice("--dtype", self.dtype, DTYPE_CHOICES)
         if self.rank.rank is None:
             raise SettingsError("extraction needs --rank (the rank, or the cap in energy mode)")
+
+
+@dataclass(frozen=True, kw_only=True)
+class WriteAs:
+    """What a LoRA is written as: a form (`--format`), or a loader's spelling holding only what that
+    loader applies (`--for`, which then decides the form)."""
+
+    form: str = "comfyui"
+    loader: str | None = None
+
+    def __post_init__(self) -> None:
+        _choice("--format", self.form, FORMS)
+        if self.loader is not None:
+            _choice("--for", self.loader, LOADER_NAMES)
+
+    @property
+    def file_form(self) -> str:
+        """The layout of the file written: the loader's, with --for."""
+        return LOADERS[self.loader].spelling.form if self.loader else self.form
