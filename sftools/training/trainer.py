@@ -280,67 +280,59 @@ class Trainer:
     def iteration(self, it: int) -> StepLog:
         began = time.perf_counter()
         if self.recipe.stage == "ode_init":
-            losses = {"ode": self._ode_update(it)}
+            losses = {"ode": self._update(GENERATOR, it, "ode", self._ode_loss)}
         else:
-            losses = {"dmd": self._generator_update(it)} if it % self.recipe.optim.critic_ratio == 0 else {}
-            losses["critic"] = self._critic_update(it)
+            losses = {}
+            if it % self.recipe.optim.critic_ratio == 0:
+                losses["dmd"] = self._update(GENERATOR, it, "generator", self._generator_loss)
+            losses["critic"] = self._update(CRITIC, it, "critic", self._critic_loss)
         return StepLog(it, losses, time.perf_counter() - began)
 
-    def _generator_update(self, it: int) -> float:
-        seed, rank, accum = self.recipe.run.seed, self.accelerator.process_index, self.recipe.run.grad_accum
+    def _update(self, name: str, it: int, what: str, loss_of) -> float:
+        """One optimizer step of adapter `name` over `run.grad_accum` micro-batches, each with its own
+        draws keyed by (seed, iteration, process, what, micro); the mean loss."""
+        accum = self.recipe.run.grad_accum
         total = 0.0
         for micro in range(accum):
-            raw, context, negative, truth = self._example(it, micro)
-            g = keyed_generator(seed, it, rank, f"generator:{micro}")
-            video = self._rollout(raw, it, g, "generator", truth)
-            t = critic_timestep(1, self.recipe.video.shift, g).to(self.device)
-            x_t = noised(video.detach(), torch.randn(video.shape, generator=g).to(self.device), t)
-            real, fake = self._scores(x_t, t, context, negative)
-            loss = dmd_loss(video, real, fake)
-            self._backward(GENERATOR, loss)
+            g = keyed_generator(self.recipe.run.seed, it, self.accelerator.process_index, f"{what}:{micro}")
+            loss = loss_of(it, micro, g)
+            self._backward(name, loss)
             total += float(loss.detach()) / accum
-        self._step(GENERATOR)
-        self._update_ema(it)
+        self._step(name)
+        if name == GENERATOR:
+            self._update_ema(it)
         return total
 
-    def _critic_update(self, it: int) -> float:
-        seed, rank, accum = self.recipe.run.seed, self.accelerator.process_index, self.recipe.run.grad_accum
-        total = 0.0
-        for micro in range(accum):
-            raw, context, _, truth = self._example(it, micro)
-            g = keyed_generator(seed, it, rank, f"critic:{micro}")
-            with torch.no_grad():
-                video = self._rollout(raw, it, g, "critic", truth)
-            t = critic_timestep(1, self.recipe.video.shift, g).to(self.device)
-            noise = torch.randn(video.shape, generator=g).to(self.device)
-            with using(self.transformer, CRITIC), self.accelerator.autocast():
-                flow = self.model.bidirectional(noised(video, noise, t), t, context)
-            loss = flow_loss(flow, video, noise)
-            self._backward(CRITIC, loss)
-            total += float(loss.detach()) / accum
-        self._step(CRITIC)
-        return total
+    def _generator_loss(self, it: int, micro: int, g: torch.Generator) -> torch.Tensor:
+        """DMD on a rollout that keeps gradients at each block's exit step."""
+        raw, context, negative, truth = self._example(it, micro)
+        video = self._rollout(raw, it, g, "generator", truth)
+        t = critic_timestep(1, self.recipe.video.shift, g).to(self.device)
+        x_t = noised(video.detach(), torch.randn(video.shape, generator=g).to(self.device), t)
+        real, fake = self._scores(x_t, t, context, negative)
+        return dmd_loss(video, real, fake)
 
-    def _ode_update(self, it: int) -> float:
-        """One regression of the generator onto teacher trajectories (Self Forcing's ODE init)."""
-        v, accum = self.recipe.video, self.recipe.run.grad_accum
-        visible = visible_frames(self.shape[2], v.frames_per_block)
-        blocks = -(-self.shape[2] // v.frames_per_block)
-        total = 0.0
-        for micro in range(accum):
-            pair = self._pair(self._draw(it, micro) % len(self.pairs))
-            _, context, _ = self._prompt(pair.prompt)
-            g = keyed_generator(self.recipe.run.seed, it, self.accelerator.process_index, f"ode:{micro}")
-            levels = torch.randint(0, len(self.schedule), (blocks,), generator=g)
-            x, timestep, sigma = regression_inputs(pair.states, self.schedule, levels, v.frames_per_block)
-            with using(self.transformer, GENERATOR), self.accelerator.autocast():
-                flow = self.model.masked(x, timestep, context, visible)
-            loss = regression_loss(x, flow, sigma, pair.states[-1])
-            self._backward(GENERATOR, loss)
-            total += float(loss.detach()) / accum
-        self._step(GENERATOR)
-        self._update_ema(it)
-        return total
+    def _critic_loss(self, it: int, micro: int, g: torch.Generator) -> torch.Tensor:
+        """The flow loss of the critic on a fresh rollout without gradients."""
+        raw, context, _, truth = self._example(it, micro)
+        with torch.no_grad():
+            video = self._rollout(raw, it, g, "critic", truth)
+        t = critic_timestep(1, self.recipe.video.shift, g).to(self.device)
+        noise = torch.randn(video.shape, generator=g).to(self.device)
+        with using(self.transformer, CRITIC), self.accelerator.autocast():
+            flow = self.model.bidirectional(noised(video, noise, t), t, context)
+        return flow_loss(flow, video, noise)
+
+    def _ode_loss(self, it: int, micro: int, g: torch.Generator) -> torch.Tensor:
+        """The regression of the generator onto a teacher trajectory (Self Forcing's ODE init)."""
+        v = self.recipe.video
+        pair = self._pair(self._draw(it, micro) % len(self.pairs))
+        _, context, _ = self._prompt(pair.prompt)
+        levels = torch.randint(0, len(self.schedule), (-(-self.shape[2] // v.frames_per_block),), generator=g)
+        x, timestep, sigma = regression_inputs(pair.states, self.schedule, levels, v.frames_per_block)
+        with using(self.transformer, GENERATOR), self.accelerator.autocast():
+            flow = self.model.masked(x, timestep, context, visible_frames(self.shape[2], v.frames_per_block))
+        return regression_loss(x, flow, sigma, pair.states[-1])
 
     def _update_ema(self, it: int) -> None:
         run = self.recipe.run
