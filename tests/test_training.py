@@ -118,6 +118,16 @@ def test_fsdp_shards_the_base_and_resumes_to_what_ddp_trains(ddp_four_steps, tmp
     assert a.keys() == b.keys() and all(torch.allclose(a[k], b[k], atol=1e-6) for k in a)
 
 
+def test_fsdp_runs_the_sharded_base_as_teacher_for_an_odd_number_of_trajectories(tmp_path):
+    # The FSDP base is a collective teacher: every process must run every trajectory (3 pairs over
+    # 2 processes would otherwise leave one waiting for the other).
+    out = tmp_path / "ode"
+    report = launch("--set", "stage=ode_init", "--set", "ode.pairs=3", "--set", "ode.teacher_steps=8",
+                    "--set", "run.steps=2", "--output-dir", str(out), script=["fsdp_cpu.py"])
+    assert report["sharded"] is True and report["adapters_identical_across_processes"] is True
+    assert sorted(p.name for p in (out / "cache" / "ode").iterdir()) == [f"pair-0000{i}.safetensors" for i in range(3)]
+
+
 def test_the_demos_training_stage_runs_the_tiny_recipe():
     from sftools.demo import TRAIN_RECIPE
     from sftools.training.config import Recipe, load_recipe

@@ -181,7 +181,7 @@ class Trainer:
 
     def _teacher_pairs(self) -> list[str]:
         """Paths of the teacher trajectories, one file each in cache/ode/, computed where missing or
-        made for other settings (each process computes every world_size-th), then shared."""
+        made for other settings, then shared by every process."""
         folder = os.path.join(self.output_dir, "cache", "ode")
         os.makedirs(folder, exist_ok=True)
         r = self.recipe
@@ -190,20 +190,27 @@ class Trainer:
                                          r.optim.guidance, r.run.seed]).encode()).hexdigest()
         paths = [os.path.join(folder, f"pair-{i:05d}.safetensors") for i in range(r.ode.pairs)]
         world, rank = self.accelerator.num_processes, self.accelerator.process_index
-        mine = [i for i in range(rank, len(paths), world) if not _cache_matches(paths[i], key)]
+        missing = [i for i in range(len(paths)) if not _cache_matches(paths[i], key)]
+        self.accelerator.wait_for_everyone()  # every process has its list before any pair is written
+        # A sharded teacher (the base under FSDP) runs collectively: then every process runs every
+        # trajectory and the main one writes them; otherwise each takes every world-th one.
+        shared = self.fsdp and self.teacher is None
+        mine = missing if shared else missing[rank::world]
         with progress(len(mine), "teacher trajectories", unit="pair") as bar:
             for i in mine:
-                self._write_pair(paths[i], i, key)
+                self._write_pair(paths[i], i, key, write=not shared or self.accelerator.is_main_process)
                 bar.update(1)
         self.accelerator.wait_for_everyone()
         return paths
 
-    def _write_pair(self, path: str, index: int, key: str) -> None:
+    def _write_pair(self, path: str, index: int, key: str, write: bool) -> None:
         prompt = index % len(self.embeds)
         _, context, negative = self._prompt(prompt)
         noise = torch.randn(self.shape, generator=keyed_generator(self.recipe.run.seed, index, 0, "ode")).to(self.device)
         states = trajectory(lambda x, t: self._teacher_flow(x, t, context, negative), noise, self.schedule,
                             self.recipe.ode.teacher_steps)
+        if not write:
+            return
         save_file({"states": states.float().cpu().contiguous()}, path + ".tmp", metadata={"key": key, "prompt": str(prompt)})
         os.replace(path + ".tmp", path)
 
