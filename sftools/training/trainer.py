@@ -390,12 +390,9 @@ class Trainer:
                 p.copy_(_like(p, tensors[f"adapter.{n}"]))
         for name, state in states.items():
             self._load_optimizer_state(name, state)
-        self.ema = {n: _like(live[n], tensors[f"ema.{n}"]) for n in self._ema_names(tensors)} if meta["ema"] else None
+        # The EMA shadows the generator adapter, parameter for parameter.
+        self.ema = {n: _like(p, tensors[f"ema.{n}"]) for n, p in self._named(GENERATOR)} if meta["ema"] else None
         self.start = int(meta["step"])
-
-    @staticmethod
-    def _ema_names(tensors: dict) -> list[str]:
-        return [n[len("ema."):] for n in tensors if n.startswith("ema.")]
 
     def generator_lora(self):
         """The generator adapter as a LoRA, from its EMA once that has started (under FSDP every
