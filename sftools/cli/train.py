@@ -19,7 +19,8 @@ def train_cmd(recipe, overrides, output_dir, resume, as_json) -> None:
     with the KV cache and DMD against the base as teacher, a critic adapter learning the generator's
     distribution. At the end DIR/final/lora.safetensors (comfyui form; lora_diffusers.safetensors
     beside it) is ready for `sftools sample --lora`. `accelerate launch -m sftools train ...` runs
-    the same recipe on several processes."""
+    the same recipe on several processes. With model.train: full (small models) the generator and
+    critic are whole copies of the base and the result is DIR/final/model.safetensors."""
     import os
 
     from sftools.training.config import load_recipe
@@ -38,4 +39,4 @@ def train_cmd(recipe, overrides, output_dir, resume, as_json) -> None:
     report = trainer.train(log)
     if trainer.accelerator.is_main_process:
         emit(report, as_json, [f"{output_dir}: trained to step {report['steps']} on {report['processes']} process(es); "
-                               f"{report['outputs'].get('comfyui')}"])
+                               f"{', '.join(report['outputs'].values())}"])

@@ -29,12 +29,15 @@ class ModelSettings:
     base: str = TINY_MODEL  # any model form sftools reads, or "tiny"
     teacher: str | None = None  # a separate frozen teacher (Self Forcing's 14B for a 1.3B student); None: the base;
     # "synthetic": the exact denoiser of a known Gaussian video law, for experiments with a known answer
-    init_lora: str | None = None  # the generator adapter starts from this LoRA (any form sftools reads)
-    rank: int = 16
+    init_lora: str | None = None  # the generator starts from this LoRA (any form sftools reads)
+    train: str = "lora"  # lora: generator and critic are adapters on one frozen base; full: whole copies (small models)
+    rank: int = 16  # of the adapters (train: lora)
 
     def check(self) -> None:
         if self.rank < 1:
             raise SettingsError(f"model.rank must be at least 1, got {self.rank}")
+        if self.train not in ("lora", "full"):
+            raise SettingsError(f"model.train must be lora or full, got {self.train!r}")
         for key in ("base", "teacher", "init_lora"):
             path = getattr(self, key)
             if path and path not in (TINY_MODEL, SYNTHETIC_TEACHER) and not os.path.exists(path):

@@ -48,8 +48,8 @@ from sftools.sampling.load import load_transformer
 from sftools.sampling.noise import keyed_generator
 from sftools.sampling.schedules import few_step_schedule
 from sftools.sampling.text import encode_prompts
-from sftools.training.adapters import (CRITIC, GENERATOR, adapter_lora, adapter_parameters, add_adapters, load_adapter,
-                                      named_adapter_parameters, using)
+from sftools.training.adapters import CRITIC, GENERATOR
+from sftools.training.networks import ROLES, FullNetworks, LoraNetworks
 from sftools.training.checkpoint import load_checkpoint, save_checkpoint
 from sftools.models.kv_cache import visible_frames
 from sftools.training.config import SYNTHETIC_TEACHER, TINY_MODEL, Recipe
@@ -90,27 +90,23 @@ class Trainer:
         os.makedirs(output_dir, exist_ok=True)
         base, text_encoder = self._base_and_text_encoder()
         self.embeds, self.negative = self._prompt_embeddings(text_encoder)
-        self.transformer, self.config = load_transformer(base, device=self.device)
-        with torch.random.fork_rng(devices=[]):  # peft draws lora_A from the global generator
-            torch.manual_seed(recipe.run.seed)
-            add_adapters(self.transformer, recipe.model.rank)
-        if recipe.model.init_lora:
-            load_adapter(self.transformer, GENERATOR, read_lora_file(recipe.model.init_lora))
+        transformer, self.config = load_transformer(base, device=self.device)
+        m = recipe.model
+        init = read_lora_file(m.init_lora) if m.init_lora else None
+        self.nets = (FullNetworks(transformer, init) if m.train == "full"
+                     else LoraNetworks(transformer, m.rank, recipe.run.seed, init))
         if recipe.run.gradient_checkpointing:
-            self.transformer.enable_gradient_checkpointing()
+            for module in self.nets.modules():
+                module.enable_gradient_checkpointing()
         self.teacher = self._separate_teacher()
         o = recipe.optim
-        self.optimizers = {
-            GENERATOR: torch.optim.AdamW(adapter_parameters(self.transformer, GENERATOR), lr=o.lr, betas=o.betas,
-                                         weight_decay=o.weight_decay),
-            CRITIC: torch.optim.AdamW(adapter_parameters(self.transformer, CRITIC), lr=o.lr_critic, betas=o.betas,
-                                      weight_decay=o.weight_decay),
-        }
+        self.optimizers = {role: torch.optim.AdamW([p for _, p in self.nets.named(role)], lr=lr, betas=o.betas,
+                                                   weight_decay=o.weight_decay)
+                           for role, lr in ((GENERATOR, o.lr), (CRITIC, o.lr_critic))}
         self.fsdp = self.accelerator.distributed_type == DistributedType.FSDP
         if self.fsdp:
             self._shard()
-        self.params = {name: adapter_parameters(self.transformer, name) for name in (GENERATOR, CRITIC)}
-        self.model = CausalWanModel(self.transformer)
+        self.params = {role: [p for _, p in self.nets.named(role)] for role in ROLES}
         self.ema: dict[str, torch.Tensor] | None = None
         v = recipe.video
         self.schedule = few_step_schedule(v.steps, v.shift)
@@ -140,11 +136,14 @@ class Trainer:
         optimizers onto the sharded parameters). The separate teacher, if any, stays whole."""
         if not getattr(self.accelerator, "is_fsdp2", False):
             raise SettingsError("sftools trains with FSDP2: set fsdp_version: 2 in the accelerate config")
+        if self.nets.kind == "full":
+            raise SettingsError("model.train: full is for small models, on one process or DDP; FSDP shards adapter runs")
         # FSDP2 warns that the transformer returns a view (its unpatchify reshape); every use of the
         # output here is out of place, which is what the warning asks for.
         warnings.filterwarnings("ignore", message="FSDP2-wrapped module .* returned a view tensor")
         names = list(self.optimizers)
-        self.transformer, *prepared = self.accelerator.prepare(self.transformer, *self.optimizers.values())
+        transformer, *prepared = self.accelerator.prepare(self.nets.transformer, *self.optimizers.values())
+        self.nets.sharded(transformer)
         self.optimizers = dict(zip(names, prepared))
 
     def _separate_teacher(self) -> torch.nn.Module | None:
@@ -223,8 +222,9 @@ class Trainer:
     def _teacher_flow(self, x_t: torch.Tensor, t: torch.Tensor, context: torch.Tensor,
                       negative: torch.Tensor) -> torch.Tensor:
         """The teacher's guided flow, cond + guidance (cond - uncond), no gradients."""
-        teacher, guidance = self.teacher or self.transformer, self.recipe.optim.guidance
-        with torch.no_grad(), using(self.transformer, None):
+        guidance = self.recipe.optim.guidance
+        with torch.no_grad(), self.nets.playing(None) as base:
+            teacher = self.teacher or base.transformer
             cond = teacher(hidden_states=x_t, timestep=t, encoder_hidden_states=context, return_dict=False)[0]
             if guidance == 0:
                 return cond
@@ -235,8 +235,8 @@ class Trainer:
         """x0 of the critic (fake score) and of the teacher with guidance (real score), no gradients."""
         sigma = (t / 1000).view(-1, 1, 1, 1, 1)
         with torch.no_grad():
-            with using(self.transformer, CRITIC):
-                fake = x_t - sigma * self.model.bidirectional(x_t, t, context)
+            with self.nets.playing(CRITIC) as critic:
+                fake = x_t - sigma * critic.bidirectional(x_t, t, context)
             real = x_t - sigma * self._teacher_flow(x_t, t, context, negative)
         return real, fake
 
@@ -244,7 +244,7 @@ class Trainer:
         # The backward runs with the adapter of its forward active again: other calls since switched
         # adapters (which froze these parameters, and autograd skips frozen leaves), and gradient
         # checkpointing recomputes the forward during the backward.
-        with using(self.transformer, name):
+        with self.nets.playing(name):
             self.accelerator.backward(loss / self.recipe.run.grad_accum)
 
     def _step(self, name: str) -> None:
@@ -262,8 +262,8 @@ class Trainer:
                  truth: torch.Tensor | None) -> torch.Tensor:
         v, seed = self.recipe.video, self.recipe.run.seed
         exit_at = exit_step(v.steps, seed + (what == "critic"), iteration)
-        with using(self.transformer, GENERATOR), self.accelerator.autocast():
-            return rollout(self.model, raw, self.schedule, self.shape, v.frames_per_block, exit_at, generator, v.shift,
+        with self.nets.playing(GENERATOR) as generator_model, self.accelerator.autocast():
+            return rollout(generator_model, raw, self.schedule, self.shape, v.frames_per_block, exit_at, generator, v.shift,
                            truth=truth)
 
     def _prompt(self, index: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -326,8 +326,8 @@ class Trainer:
             video = self._rollout(raw, it, g, "critic", truth)
         t = critic_timestep(1, self.recipe.video.shift, g).to(self.device)
         noise = torch.randn(video.shape, generator=g).to(self.device)
-        with using(self.transformer, CRITIC), self.accelerator.autocast():
-            flow = self.model.bidirectional(noised(video, noise, t), t, context)
+        with self.nets.playing(CRITIC) as critic, self.accelerator.autocast():
+            flow = critic.bidirectional(noised(video, noise, t), t, context)
         return flow_loss(flow, video, noise)
 
     def _ode_loss(self, it: int, micro: int, g: torch.Generator) -> torch.Tensor:
@@ -337,8 +337,8 @@ class Trainer:
         _, context, _ = self._prompt(pair.prompt)
         levels = torch.randint(0, len(self.schedule), (-(-self.shape[2] // v.frames_per_block),), generator=g)
         x, timestep, sigma = regression_inputs(pair.states, self.schedule, levels, v.frames_per_block)
-        with using(self.transformer, GENERATOR), self.accelerator.autocast():
-            flow = self.model.masked(x, timestep, context, visible_frames(self.shape[2], v.frames_per_block))
+        with self.nets.playing(GENERATOR) as generator_model, self.accelerator.autocast():
+            flow = generator_model.masked(x, timestep, context, visible_frames(self.shape[2], v.frames_per_block))
         return regression_loss(x, flow, sigma, pair.states[-1])
 
     def _update_ema(self, it: int) -> None:
@@ -352,8 +352,8 @@ class Trainer:
                 for n, p in self._named(GENERATOR):
                     self.ema[n].mul_(run.ema_decay).add_(p.detach().float(), alpha=1 - run.ema_decay)
 
-    def _named(self, adapter: str):
-        return named_adapter_parameters(self.transformer, adapter)
+    def _named(self, role: str):
+        return self.nets.named(role)
 
     # --- checkpoints and results ---------------------------------------------------------------
 
@@ -362,7 +362,7 @@ class Trainer:
         if not self.fsdp:
             return self.optimizers[name].state_dict()
         options = StateDictOptions(full_state_dict=True, cpu_offload=True)
-        return get_optimizer_state_dict(self.transformer, self.optimizers[name].optimizer, options=options)
+        return get_optimizer_state_dict(self.nets.transformer, self.optimizers[name].optimizer, options=options)
 
     def _load_optimizer_state(self, name: str, state: dict) -> None:
         if not self.fsdp:
@@ -370,12 +370,12 @@ class Trainer:
             return
         # torch fills an empty optimizer state with a zero step over the parameters that require
         # gradients before sharding the loaded one into it: those of this adapter.
-        with using(self.transformer, name):
-            set_optimizer_state_dict(self.transformer, self.optimizers[name].optimizer, optim_state_dict=state,
+        with self.nets.playing(name):
+            set_optimizer_state_dict(self.nets.transformer, self.optimizers[name].optimizer, optim_state_dict=state,
                                      options=StateDictOptions(full_state_dict=True))
 
     def save(self, step: int) -> None:
-        tensors = {f"adapter.{n}": _whole(p) for name in (GENERATOR, CRITIC) for n, p in self._named(name)}
+        tensors = {f"weights.{n}": _whole(p) for name in (GENERATOR, CRITIC) for n, p in self._named(name)}
         tensors.update({f"ema.{n}": _whole(v) for n, v in (self.ema or {}).items()})
         states = {name: self._optimizer_state(name) for name in self.optimizers}
         if self.accelerator.is_main_process:
@@ -387,31 +387,39 @@ class Trainer:
         live = dict(p for name in (GENERATOR, CRITIC) for p in self._named(name))
         with torch.no_grad():
             for n, p in live.items():
-                p.copy_(_like(p, tensors[f"adapter.{n}"]))
+                p.copy_(_like(p, tensors[f"weights.{n}"]))
         for name, state in states.items():
             self._load_optimizer_state(name, state)
-        # The EMA shadows the generator adapter, parameter for parameter.
+        # The EMA shadows the generator, parameter for parameter.
         self.ema = {n: _like(p, tensors[f"ema.{n}"]) for n, p in self._named(GENERATOR)} if meta["ema"] else None
         self.start = int(meta["step"])
 
-    def generator_lora(self):
-        """The generator adapter as a LoRA, from its EMA once that has started (under FSDP every
-        process must call this: the adapter is gathered whole)."""
+    def generator_weights(self):
+        """The generator, from its EMA once that has started: a LoRA for adapter runs, the whole
+        state in original names for full ones (under FSDP every process must call this: the
+        adapter is gathered whole)."""
         values = {n: _whole((self.ema or {}).get(n, p)) for n, p in self._named(GENERATOR)}
-        return adapter_lora(self.transformer, GENERATOR, values)
+        return self.nets.generator_weights(values)
 
-    def write_final(self, lora) -> dict[str, str]:
+    def write_final(self, weights) -> dict[str, str]:
+        """final/lora.safetensors (comfyui form) and lora_diffusers.safetensors for adapter runs;
+        final/model.safetensors (original names, what ComfyUI and `sftools sample` load) for full ones."""
         final = os.path.join(self.output_dir, "final")
         os.makedirs(final, exist_ok=True)
         meta = {"sftools.training.recipe": json.dumps(self.recipe.to_dict()), "sftools.training.ema": str(bool(self.ema))}
+        if self.nets.kind == "full":
+            path = os.path.join(final, "model.safetensors")
+            save_file(weights, path + ".tmp", metadata=meta)
+            os.replace(path + ".tmp", path)
+            return {"model": path}
         out = {form: os.path.join(final, name) for form, name in (("comfyui", "lora.safetensors"),
                                                                   ("diffusers", "lora_diffusers.safetensors"))}
         for form, path in out.items():
-            write_lora(path, lora, form, torch.float32, meta)
+            write_lora(path, weights, form, torch.float32, meta)
         return out
 
     def adapters_agree(self) -> bool:
-        """Whether every process holds the same generator and critic adapters."""
+        """Whether every process holds the same generator and critic (adapters or whole)."""
         if self.accelerator.num_processes == 1:
             return True
         flat = torch.cat([_whole(p).float().flatten() for name in (GENERATOR, CRITIC) for _, p in self._named(name)])
@@ -432,8 +440,8 @@ class Trainer:
                 if (it + 1) % run.checkpoint_every == 0 or it + 1 == run.steps:
                     self.save(it + 1)
         agree = self.adapters_agree()
-        lora = self.generator_lora()
-        outputs = self.write_final(lora) if self.accelerator.is_main_process else {}
+        weights = self.generator_weights()
+        outputs = self.write_final(weights) if self.accelerator.is_main_process else {}
         return {"steps": run.steps, "resumed_from": self.start, "outputs": outputs, "processes": self.accelerator.num_processes,
                 "sharded": self.fsdp,
                 "adapters_identical_across_processes": agree, "seconds_per_step": [log.seconds for log in logs]}
