@@ -15,6 +15,7 @@ from sftools.cli.lora import lora_group
 from sftools.cli.sample import sample_cmd
 from sftools.cli.scan import scan_cmd
 from sftools.cli.train import train_cmd
+from sftools.cli.vace import vace_group
 from sftools.cli.verify import verify_cmd
 from sftools.errors import SettingsError, SftoolsError
 
@@ -25,7 +26,7 @@ def cli() -> None:
     """Safe weight tools, LoRA extraction and causal sampling for Wan 2.1 and Self Forcing models."""
 
 
-for command in (scan_cmd, inspect_cmd, convert_cmd, lora_group, sample_cmd, verify_cmd, train_cmd, demo_cmd):
+for command in (scan_cmd, inspect_cmd, convert_cmd, lora_group, vace_group, sample_cmd, verify_cmd, train_cmd, demo_cmd):
     cli.add_command(command)
 
 
