@@ -74,21 +74,54 @@ def lora_args(values) -> list[tuple[str, float]]:
     return [parse_lora_arg(v) for v in values]
 
 
+def vace_options(command):
+    """The VACE add-on and its control (sample only)."""
+    options = [
+        click.option("--vace", "vace_module", metavar="MODULE", help="A VACE add-on module (vace_* keys) grafted onto "
+                     "MODEL in memory."),
+        click.option("--control", metavar="CTRL.mp4|CTRL.safetensors", help="VACE control video (encoded with --vae; "
+                     "at least --frames frames of --width x --height), or a precomputed vace_context [96, F, h, w]."),
+        click.option("--control-mask", metavar="MASK.mp4", help="Mask video for --control: white is generated, black "
+                     "kept from the control (default: all white)."),
+        click.option("--reference-image", "reference_images", multiple=True, metavar="IMAGE",
+                     help="Reference image for a control video (repeatable); enters as clean frames before the video."),
+        click.option("--control-scale", type=float, default=1.0, show_default=True,
+                     help="Strength of the VACE hints (diffusers' conditioning_scale)."),
+    ]
+    return functools.reduce(lambda cmd, option: option(cmd), reversed(options), command)
+
+
+def control_source(kw: dict):
+    """The VACE control from the options (consumed from `kw`), or None without --control."""
+    from sftools.errors import SettingsError
+    from sftools.sampling.vace_context import ControlSource
+
+    control, mask, references, scale = (kw.pop(k) for k in ("control", "control_mask", "reference_images",
+                                                              "control_scale"))
+    if control is None:
+        if mask or references:
+            raise SettingsError("--control-mask and --reference-image go with --control")
+        return None
+    return ControlSource(control=control, mask=mask, reference_images=tuple(references), scale=scale)
+
+
 @click.command("sample", short_help="Generate with the causal KV-cache sampler.")
 @click.argument("model")
 @click.option("--lora", "loras", multiple=True, metavar="LORA[:STRENGTH]", help="Merge a LoRA at load (repeatable; strength 1.0).")
+@vace_options
 @sampling_options
 @click.option("-o", "--output", required=True, metavar="OUT.safetensors|OUT.mp4",
               help="latents [1,16,T,H/8,W/8] as safetensors, or an mp4 decoded block by block (needs --vae).")
 @JSON_OPTION
-def sample_cmd(model, loras, output, as_json, **kw) -> None:
+def sample_cmd(model, loras, output, as_json, vace_module, **kw) -> None:
     """Generate from MODEL (any form sftools reads) block by block with a KV cache, as Self Forcing
     does; with --local-attn-frames the cache rolls, so videos far longer than the training window
-    cost the same per block."""
+    cost the same per block. A VACE model (or MODEL with --vace MODULE) follows --control."""
     from sftools.io.output import progress
     from sftools.sampling.causal import blocks
     from sftools.sampling.run import sample_to_file
 
+    control = control_source(kw)
     settings, prompt, runtime = build(kw)
     with progress(len(blocks(settings)), "sampling", unit="block") as bar:
         def tick(block) -> None:
@@ -96,7 +129,7 @@ def sample_cmd(model, loras, output, as_json, **kw) -> None:
             bar.update(1)
 
         report = sample_to_file(model, output, settings, prompt, lora_args(loras), kw["select"], kw["noise_file"],
-                                kw["vae"], runtime, tick)
+                                kw["vae"], runtime, tick, vace=vace_module, control=control)
     seconds = report.block_seconds
     emit(vars(report), as_json, [f"{output}: {report.frames} frames ({report.latent_frames} latent) in {len(seconds)} "
                                  f"blocks, {sum(seconds):.1f} s ({sum(seconds) / len(seconds):.2f} s per block)"])

@@ -12,6 +12,12 @@ Per-frame timesteps come from diffusers itself: a timestep of shape [B, tokens] 
 per-token modulation path (written for Wan 2.2 TI2V), so a call whose frames sit at different
 noise levels (training's teacher forcing) needs nothing extra. Outside a causal call (`state.active`
 False: the teacher, the critic, a bidirectional model) every processor defers to diffusers' own.
+
+A `WanVACETransformer3DModel` works the same way, with its control branch hooked in by
+`causal_vace`: its `vace_blocks` get the same processors at layer indices after the main blocks
+(KV caches of their own, in the same `CacheSpec`), and every call takes the control latents of
+its frames (`control`, [B, 96, frames, H, W]) and `control_scale` (diffusers'
+`control_hidden_states_scale`: one number for every VACE layer, or one each).
 """
 
 from __future__ import annotations
@@ -21,12 +27,13 @@ from dataclasses import dataclass, field
 from typing import Iterator
 
 import torch
-from diffusers import WanTransformer3DModel
+from diffusers import WanTransformer3DModel, WanVACETransformer3DModel
 from diffusers.hooks import HookRegistry, ModelHook
 from diffusers.models.attention_dispatch import dispatch_attention_fn
 from diffusers.models.transformers.transformer_wan import WanAttnProcessor
 
 from sftools.errors import SftoolsError
+from sftools.models.causal_vace import install_vace, is_vace
 from sftools.models.kv_cache import CacheSpec, LayerCache
 
 ROPE_HOOK = "sftools_rope_offset"
@@ -154,22 +161,33 @@ class RopeOffsetHook(ModelHook):
         return tuple(tables)
 
 
+ControlScale = float | torch.Tensor  # a VACE control scale: one for every VACE layer, or [layers]
+
+
 class CausalWanModel(torch.nn.Module):
-    """A diffusers Wan transformer that generates block by block with a KV cache.
+    """A diffusers Wan transformer (plain or VACE) that generates block by block with a KV cache.
 
     `forward(latents, timestep, context, start_frame, branch)` denoises the frames of one block,
     [B, C, frames, H, W], starting at latent frame `start_frame`, and returns the model's flow
     prediction for them. `reset(spec)` starts a new video. `bidirectional()` runs plain diffusers.
+    A VACE model takes `control` (the frames' slice of the VACE context) in every call.
     """
 
-    def __init__(self, transformer: WanTransformer3DModel) -> None:
+    def __init__(self, transformer: WanTransformer3DModel | WanVACETransformer3DModel) -> None:
         super().__init__()
         self.transformer = transformer
-        self.state = CausalState(num_layers=len(transformer.blocks))
-        for index, block in enumerate(transformer.blocks):
+        vace_blocks = list(transformer.vace_blocks) if is_vace(transformer) else []
+        self.state = CausalState(num_layers=len(transformer.blocks) + len(vace_blocks))
+        for index, block in enumerate([*transformer.blocks, *vace_blocks]):
             block.attn1.set_processor(CausalSelfAttnProcessor(self.state, index))
             block.attn2.set_processor(CachedCrossAttnProcessor(self.state, index))
         HookRegistry.check_if_exists_or_initialize(transformer.rope).register_hook(RopeOffsetHook(self.state), ROPE_HOOK)
+        if vace_blocks:
+            install_vace(transformer)
+
+    @property
+    def is_vace(self) -> bool:
+        return is_vace(self.transformer)
 
     def reset(self, spec: CacheSpec) -> None:
         """A new video: empty caches of this layout, for every branch."""
@@ -194,31 +212,50 @@ class CausalWanModel(torch.nn.Module):
             self.transformer.gradient_checkpointing = checkpointing
 
     def forward(self, latents: torch.Tensor, timestep: torch.Tensor, context: torch.Tensor,
-                start_frame: int, branch: str = "cond") -> torch.Tensor:
+                start_frame: int, branch: str = "cond", control: torch.Tensor | None = None,
+                control_scale: ControlScale = 1.0) -> torch.Tensor:
         """`timestep` is [B] (every frame of the block at one noise level) or [B, frames]."""
         timestep = self.per_token(timestep, latents)
         with self._causal_call(start_frame, branch, context):
-            return self.transformer(hidden_states=latents, timestep=timestep, encoder_hidden_states=context,
-                                    return_dict=False)[0]
+            return self._run(latents, timestep, context, control, control_scale)
 
-    def bidirectional(self, latents: torch.Tensor, timestep: torch.Tensor, context: torch.Tensor) -> torch.Tensor:
-        """diffusers' own forward over all the frames given (the teacher's and the critic's view)."""
-        return self.transformer(hidden_states=latents, timestep=self.per_token(timestep, latents),
-                                encoder_hidden_states=context, return_dict=False)[0]
+    def bidirectional(self, latents: torch.Tensor, timestep: torch.Tensor, context: torch.Tensor,
+                      control: torch.Tensor | None = None, control_scale: ControlScale = 1.0) -> torch.Tensor:
+        """diffusers' own forward over all the frames given (the teacher's and the critic's view); for
+        a VACE model, diffusers' VACE forward with per-frame timesteps possible (see `causal_vace`)."""
+        return self._run(latents, self.per_token(timestep, latents), context, control, control_scale)
 
     def masked(self, latents: torch.Tensor, timestep: torch.Tensor, context: torch.Tensor,
-               visible: torch.Tensor) -> torch.Tensor:
+               visible: torch.Tensor, control: torch.Tensor | None = None, control_scale: ControlScale = 1.0
+               ) -> torch.Tensor:
         """diffusers' forward over all the frames given, frame f attending to frame g only where
         `visible[f, g]` (see `kv_cache.visible_frames`): what the cache computes block by block, in one
-        parallel call (the recompute baseline; teacher forcing and ODE regression train this way)."""
+        parallel call (the recompute baseline; teacher forcing and ODE regression train this way).
+        The VACE blocks' attention over the control tokens is masked the same way."""
         _, _, _, height, width = latents.shape
         _, p_h, p_w = self.transformer.config.patch_size
         tokens = (height // p_h) * (width // p_w)
         self.state.mask = visible.repeat_interleave(tokens, 0).repeat_interleave(tokens, 1).to(latents.device)
         try:
-            return self.bidirectional(latents, timestep, context)
+            return self.bidirectional(latents, timestep, context, control, control_scale)
         finally:
             self.state.mask = None
+
+    def _run(self, latents: torch.Tensor, timestep: torch.Tensor, context: torch.Tensor,
+             control: torch.Tensor | None, control_scale: ControlScale) -> torch.Tensor:
+        extra = {}
+        if self.is_vace:
+            if control is None:
+                raise ValueError("a VACE model needs `control`, the VACE context of the frames it denoises")
+            if not isinstance(control_scale, torch.Tensor):
+                control_scale = control.new_full((len(self.transformer.config.vace_layers),), control_scale)
+            # As WanVACEPipeline: the scales in the transformer's dtype, on its device.
+            extra = dict(control_hidden_states=control,
+                         control_hidden_states_scale=control_scale.to(control.device, control.dtype))
+        elif control is not None:
+            raise ValueError("`control` given to a model without a VACE add-on")
+        return self.transformer(hidden_states=latents, timestep=timestep, encoder_hidden_states=context,
+                                return_dict=False, **extra)[0]
 
     def per_token(self, timestep: torch.Tensor, latents: torch.Tensor) -> torch.Tensor:
         """[B, frames] timesteps spread over each frame's tokens (diffusers' per-token path)."""

@@ -85,13 +85,16 @@ class LayerCache:
         return keys, values
 
 
-def visible_frames(frames: int, per_block: int, window: int | None = None, sink: int = 0) -> torch.Tensor:
+def visible_frames(frames: int, per_block: int, window: int | None = None, sink: int = 0,
+                   prefix: int = 0) -> torch.Tensor:
     """[frames, frames] bool: which frames each frame's block attends to under the cache, as a mask.
     A block sees itself and everything before it; with a rolling `window` (the block included),
-    once the video outgrows it, the first `sink` frames and the newest window - sink frames."""
+    once the video outgrows it, the first `sink` frames and the newest window - sink frames. The
+    first `prefix` frames (a VACE run's reference frames) are one block of their own."""
     visible = torch.zeros(frames, frames, dtype=torch.bool)
-    for start in range(0, frames, per_block):
-        end = min(start + per_block, frames)
+    bounds = [(0, prefix)] if prefix else []
+    bounds += [(start, min(start + per_block, frames)) for start in range(prefix, frames, per_block)]
+    for start, end in bounds:
         keys = torch.arange(frames)
         seen = keys < end
         if window is not None and end > window:

@@ -1,6 +1,6 @@
-"""A whole sampling run, from files to a file: prompt embeddings, the model with its LoRAs, the draws,
-the block loop, and the output (latents as safetensors, or an mp4 decoded and appended block by
-block so memory does not grow with the video). `sftools sample`, `verify` and the demo call this."""
+"""A whole sampling run, from files to a file: prompt embeddings, the model with its LoRAs (and a
+VACE add-on with its control context), the draws, the block loop, and the output (latents as
+safetensors, or an mp4 decoded and appended block by block so memory does not grow with the video). `sftools sample`, `verify` and the demo call this."""
 
 from __future__ import annotations
 
@@ -22,6 +22,7 @@ from sftools.sampling.load import ModelPlan, default_dtype, load_transformer, pl
 from sftools.sampling.noise import FileNoise, SeededNoise
 from sftools.sampling.settings import SampleSettings
 from sftools.sampling.text import encode_prompts, load_prompt_embeds
+from sftools.sampling.vace_context import ControlSource, VaceContext, build_context
 from sftools.sampling.video import Mp4Writer, StreamingDecoder, write_latents
 
 OUTPUT_KINDS = (".safetensors", ".mp4")
@@ -77,14 +78,15 @@ def prompt_embeddings(prompt: PromptSource, device: torch.device, dtype: torch.d
 def generate(model: str | ModelPlan, settings: SampleSettings, context: torch.Tensor, negative: torch.Tensor | None,
              loras=(), select: str | None = None, noise_file: str | None = None,
              device: torch.device = torch.device("cpu"), dtype: torch.dtype = torch.float32,
-             on_block=None, keep: bool = True) -> torch.Tensor | None:
-    """The final latents of one run (None with `keep` False); the model is freed before returning."""
+             on_block=None, keep: bool = True, control: VaceContext | None = None) -> torch.Tensor | None:
+    """The final latents of one run (None with `keep` False); the model is freed before returning.
+    `control` is the VACE context a VACE model takes."""
     transformer, config = load_transformer(model, list(loras), select, device, dtype)
     h, w = settings.latent_size
     shape = (1, config.out_dim, settings.latent_frames, h, w)
     noise = FileNoise(noise_file, settings.steps, shape) if noise_file else SeededNoise(settings.seed, config.out_dim, h, w)
     sampler = CausalSampler(CausalWanModel(transformer), config, settings)
-    latents = sampler.sample(context, noise, negative, on_block, keep)
+    latents = sampler.sample(context, noise, negative, on_block, keep, control)
     del sampler, transformer
     gc.collect()
     return latents
@@ -110,20 +112,40 @@ def check_embeddings(plan: ModelPlan, settings: SampleSettings, context: torch.T
         raise SettingsError("--cfg other than 1 needs --negative-prompt or negative_prompt_embeds")
 
 
+def check_vace(model_path: str, plan: ModelPlan, control: ControlSource | None) -> None:
+    """A VACE model samples with a control and only a VACE model takes one."""
+    vace = plan.config.model_type == "vace"
+    if vace and control is None:
+        raise SftoolsError(f"{model_path}: is a VACE model; give --control CTRL.mp4 (with --vae) or a precomputed "
+                           "vace_context .safetensors")
+    if control is not None and not vace:
+        raise SftoolsError(f"--control {control.control}: {model_path} has no VACE add-on; "
+                           "graft one with --vace MODULE")
+
+
 def sample_to_file(model_path: str, output: str, settings: SampleSettings, prompt: PromptSource,
                    loras: list[tuple[str, float]] = (), select: str | None = None, noise_file: str | None = None,
-                   vae: str | None = None, runtime: Runtime = Runtime(), on_block=None) -> SampleReport:
-    inputs = [model_path, noise_file, prompt.embeds_file, prompt.text_encoder, vae, *(p for p, _ in loras)]
+                   vae: str | None = None, runtime: Runtime = Runtime(), on_block=None,
+                   vace: str | None = None, control: ControlSource | None = None) -> SampleReport:
+    """`vace` is an add-on module grafted onto the model in memory; `control` the VACE control."""
+    inputs = [model_path, noise_file, prompt.embeds_file, prompt.text_encoder, vae, vace, *(p for p, _ in loras),
+              *(control.files if control else [])]
     kind = check_output(output, inputs, vae)
     if settings.cfg != 1 and prompt.text and prompt.negative is None:
         raise SettingsError("--cfg other than 1 needs --negative-prompt")
-    plan = plan_model(model_path, list(loras), select)
+    plan = plan_model(model_path, list(loras), select, vace)
     refuse_overwrite(output, plan.files)  # the shards and LoRA files behind the paths given
+    check_vace(model_path, plan, control)
     device, dtype = runtime.resolve()
+    vace_context = None
+    if control is not None:  # before the text encoder: a clip that does not fit costs no encoding
+        vace_context = build_context(control, settings, vae, device).fitted(settings, plan.config.vace_in_dim)
     context, negative = prompt_embeddings(prompt, device, dtype)
     check_embeddings(plan, settings, context, negative)
     report = SampleReport(model_path, output, settings.frames, settings.latent_frames,
                           settings=dataclasses.asdict(settings))
+    if control is not None:
+        report.settings.update(control=dataclasses.asdict(control), reference_frames=vace_context.reference_frames)
 
     def done(block: BlockDone, writer=None, decoder=None) -> None:
         if writer is not None:
@@ -136,10 +158,10 @@ def sample_to_file(model_path: str, output: str, settings: SampleSettings, promp
         decoder = StreamingDecoder(vae, device, dtype)
         with Mp4Writer(output) as writer:
             generate(plan, settings, context, negative, noise_file=noise_file, device=device, dtype=dtype,
-                     on_block=lambda b: done(b, writer, decoder), keep=False)
+                     on_block=lambda b: done(b, writer, decoder), keep=False, control=vace_context)
     else:
         latents = generate(plan, settings, context, negative, noise_file=noise_file, device=device, dtype=dtype,
-                           on_block=done)
+                           on_block=done, control=vace_context)
         write_latents(output, latents, {"sftools.source": os.path.basename(os.path.normpath(model_path)),
                                         "sftools.version": __version__})
     return report

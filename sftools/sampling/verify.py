@@ -13,6 +13,7 @@ from dataclasses import dataclass, field
 
 import torch
 
+from sftools.errors import SftoolsError
 from sftools.io.formats import sniff
 from sftools.sampling.load import plan_model
 from sftools.sampling.run import PromptSource, Runtime, check_embeddings, generate, prompt_embeddings
@@ -77,6 +78,10 @@ def verify(reference: str, candidate: str, settings: SampleSettings, prompt: Pro
            vae: str | None = None, min_psnr: float | None = None, runtime: Runtime = Runtime()) -> VerifyReport:
     plans = [plan_model(path, list(loras), _select_for(path, select))
              for path, loras in ((reference, reference_loras), (candidate, candidate_loras))]
+    for path, plan in zip((reference, candidate), plans):
+        if plan.config.model_type == "vace":  # it would need a control; verify samples without one
+            raise SftoolsError(f"{path}: is a VACE model; verify compares models sampled without control "
+                               "(sample it with sftools sample --control)")
     device, dtype = runtime.resolve()
     context, negative = prompt_embeddings(prompt, device, dtype)
     for plan in plans:

@@ -28,6 +28,20 @@ def _vae_folder(folder: str) -> str:
                        "or its vae/ folder, or write latents with -o OUT.safetensors")
 
 
+def load_vae(vae_dir: str, device: torch.device, dtype: torch.dtype):
+    """The Wan 2.1 `AutoencoderKLWan` of a diffusers folder (or its vae/ folder), on `device`, in eval mode."""
+    from diffusers import AutoencoderKLWan
+
+    folder = _vae_folder(vae_dir)
+    try:
+        vae = AutoencoderKLWan.from_pretrained(folder, local_files_only=True, torch_dtype=dtype)
+    except Exception as exc:  # diffusers raises many types for broken folders; all are one line here
+        raise SftoolsError(f"{folder}: cannot load the VAE ({str(exc).splitlines()[0]})") from None
+    if vae.config.patch_size is not None:
+        raise SftoolsError(f"{folder}: a patchified (Wan 2.2) VAE; sftools decodes the Wan 2.1 VAE")
+    return vae.to(device).eval()
+
+
 def to_uint8(pixels: torch.Tensor) -> torch.Tensor:
     """[1, 3, frames, H, W] decoder output in [-1, 1] -> [frames, H, W, 3] uint8 (the rule above)."""
     scaled = (pixels.float() * 0.5 + 0.5).clamp(0, 1) * 255
@@ -48,16 +62,7 @@ class StreamingDecoder:
     """
 
     def __init__(self, vae_dir: str, device: torch.device, dtype: torch.dtype) -> None:
-        from diffusers import AutoencoderKLWan
-
-        folder = _vae_folder(vae_dir)
-        try:
-            self.vae = AutoencoderKLWan.from_pretrained(folder, local_files_only=True, torch_dtype=dtype)
-        except Exception as exc:  # diffusers raises many types for broken folders; all are one line here
-            raise SftoolsError(f"{folder}: cannot load the VAE ({str(exc).splitlines()[0]})") from None
-        if self.vae.config.patch_size is not None:
-            raise SftoolsError(f"{folder}: a patchified (Wan 2.2) VAE; sftools decodes the Wan 2.1 VAE")
-        self.vae.to(device).eval()
+        self.vae = load_vae(vae_dir, device, dtype)
         config = self.vae.config
         shape = (1, config.z_dim, 1, 1, 1)
         # As WanPipeline: latents / (1 / std) + mean, in the VAE's dtype.
