@@ -22,19 +22,25 @@ from sftools.lora.forms import Lora
 from sftools.wan.keys import diffusers_name_to_original, original_to_diffusers
 
 GENERATOR, CRITIC = "generator", "critic"
+_LINEARS = r"attn1\.(to_q|to_k|to_v|to_out\.0)|attn2\.(to_q|to_k|to_v|to_out\.0)|ffn\.net\.(0\.proj|2)"
 # Every Linear of the blocks, as the lightx2v / Kijai LoRAs cover them.
-TARGETS = r"^blocks\.\d+\.(attn1\.(to_q|to_k|to_v|to_out\.0)|attn2\.(to_q|to_k|to_v|to_out\.0)|ffn\.net\.(0\.proj|2))$"
+TARGETS = rf"^blocks\.\d+\.({_LINEARS})$"
+# Every Linear of a VACE add-on's blocks: the same, and the projections in (before_proj) and out (after_proj).
+VACE_TARGETS = rf"^vace_blocks\.\d+\.({_LINEARS}|proj_in|proj_out)$"
 
 
-def add_adapters(transformer: WanTransformer3DModel, rank: int, names: tuple[str, ...] = (GENERATOR, CRITIC)) -> None:
+def add_adapters(transformer: WanTransformer3DModel, rank: int, names: tuple[str, ...] = (GENERATOR, CRITIC),
+                 targets: dict[str, str] | None = None) -> None:
     """Zero-initialized (lora_B = 0) adapters of `rank`, alpha = rank so the scale is 1 as in the
-    LoRA files sftools writes; the base is frozen."""
+    LoRA files sftools writes, on the modules `targets[name]` matches (default: the blocks'
+    Linears); the base is frozen."""
     transformer.requires_grad_(False)
+    targets = targets or {}
     with warnings.catch_warnings():  # peft warns on a second adapter: several are the point here
         warnings.filterwarnings("ignore", message="Already found a `peft_config` attribute")
         for name in names:
-            transformer.add_adapter(LoraConfig(r=rank, lora_alpha=rank, target_modules=TARGETS, init_lora_weights=True),
-                                    adapter_name=name)
+            config = LoraConfig(r=rank, lora_alpha=rank, target_modules=targets.get(name, TARGETS), init_lora_weights=True)
+            transformer.add_adapter(config, adapter_name=name)
 
 
 def named_adapter_parameters(transformer: WanTransformer3DModel, name: str) -> list[tuple[str, torch.nn.Parameter]]:
@@ -76,7 +82,8 @@ def load_adapter(transformer: WanTransformer3DModel, name: str, lora: Lora) -> N
     for param, (up, down) in lora.factors.items():
         module = names[param].removesuffix(".weight")
         if module not in modules:
-            raise SftoolsError(f"LoRA factor for {param} has no {name} adapter module (adapters cover the block Linears)")
+            raise SftoolsError(f"LoRA factor for {param} has no {name} adapter module (adapters cover the block Linears, "
+                               "or a VACE add-on's)")
         layer = modules[module]
         a, b = layer.lora_A[name].weight, layer.lora_B[name].weight
         if tuple(down.shape) != tuple(a.shape) or tuple(up.shape) != tuple(b.shape):

@@ -32,16 +32,26 @@ class ModelSettings:
     init_lora: str | None = None  # the generator starts from this LoRA (any form sftools reads)
     train: str = "lora"  # lora: generator and critic are adapters on one frozen base; full: whole copies (small models)
     rank: int = 16  # of the adapters (train: lora)
+    # A VACE add-on module grafted onto the base (any form `sftools vace graft` takes; "tiny" with the tiny
+    # base). With it, or with a base that is a VACE model, the run retrains the add-on: the generator is
+    # the add-on under causal attention, the teacher the same add-on bidirectional, the result
+    # final/vace_module.safetensors.
+    vace: str | None = None
 
     def check(self) -> None:
         if self.rank < 1:
             raise SettingsError(f"model.rank must be at least 1, got {self.rank}")
         if self.train not in ("lora", "full"):
             raise SettingsError(f"model.train must be lora or full, got {self.train!r}")
-        for key in ("base", "teacher", "init_lora"):
+        for key in ("base", "teacher", "init_lora", "vace"):
             path = getattr(self, key)
             if path and path not in (TINY_MODEL, SYNTHETIC_TEACHER) and not os.path.exists(path):
                 raise SftoolsError(f"{path}: no such file or folder (model.{key})")
+        if self.vace == TINY_MODEL and self.base != TINY_MODEL:
+            raise SettingsError("model.vace: tiny is the built-in add-on of the tiny base (model.base: tiny)")
+        if self.vace and self.teacher:
+            raise SettingsError("model.teacher with model.vace: the teacher of an add-on is the add-on itself, "
+                                "with bidirectional attention")
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -49,9 +59,15 @@ class DataSettings:
     prompts: str | None = None  # a text file, one prompt a line; None: a few built-in prompts (tiny runs)
     text_encoder: str | None = None  # local Wan diffusers folder; None with the tiny model: the tiny encoder
     negative_prompt: str = ""
+    # VACE runs: a folder of controls, taken in turn with the prompts: precomputed contexts (.safetensors
+    # holding vace_context [96, latent frames, h, w], as `sftools sample --control` takes them) and
+    # control clips (.mp4, with an optional NAME.mask.mp4 beside; encoded once with data.vae into cache/).
+    # None with the tiny add-on: a few built-in random contexts.
+    controls: str | None = None
+    vae: str | None = None  # local Wan VAE or diffusers folder, to encode .mp4 controls
 
     def check(self) -> None:
-        for key in ("prompts", "text_encoder"):
+        for key in ("prompts", "text_encoder", "controls", "vae"):
             path = getattr(self, key)
             if path and not os.path.exists(path):
                 raise SftoolsError(f"{path}: no such file or folder (data.{key})")
@@ -173,6 +189,13 @@ def _typed(key: str, value, kind):
         return tuple(_typed(key, v, typing.get_args(kind)[0]) for v in value)
     if kind is float and isinstance(value, int) and not isinstance(value, bool):
         return float(value)
+    if kind is str and isinstance(value, bool):  # YAML 1.1 reads no / yes (run.mixed_precision: no) as booleans
+        return "yes" if value else "no"
+    if kind is float and isinstance(value, str):  # YAML 1.1 reads 1e-4 (no dot) as text; people write it
+        try:
+            return float(value)
+        except ValueError:
+            pass
     if not isinstance(value, kind) or (kind is int and isinstance(value, bool)):
         raise SettingsError(f"{key} must be {kind.__name__}, got {value!r}")
     return value

@@ -29,11 +29,13 @@ def exit_step(steps: int, seed: int, iteration: int) -> int:
 
 def rollout(model: CausalWanModel, context: torch.Tensor, schedule: list[Step], shape: tuple[int, ...],
             frames_per_block: int, exit_at: int, generator: torch.Generator, shift: float,
-            truth: torch.Tensor | None = None) -> torch.Tensor:
+            truth: torch.Tensor | None = None, control: torch.Tensor | None = None) -> torch.Tensor:
     """The generated latents [B, C, T, h, w], differentiable only through each block's exit step.
     `generator` draws every noise (on the CPU, so runs repeat across devices). With `truth` (a
     teacher's video of the same shape) the cache is refreshed from it instead of from the
-    generator's own blocks: teacher forcing, everything else the same."""
+    generator's own blocks: teacher forcing, everything else the same. A VACE model takes each
+    block's frames of `control` (the VACE context, [B, 96, T, h, w]) in every call on that block,
+    its refresh included."""
     weight = model.transformer.patch_embedding.weight  # the model's dtype (norms stay fp32)
     device, dtype = weight.device, weight.dtype
     batch, channels, frames, h, w = shape
@@ -44,10 +46,11 @@ def rollout(model: CausalWanModel, context: torch.Tensor, schedule: list[Step], 
     for start in range(0, frames, frames_per_block):
         n = min(frames_per_block, frames - start)
         x = torch.randn(batch, channels, n, h, w, generator=generator).to(device, dtype)
+        hints = None if control is None else control[:, :, start:start + n].to(device, dtype)
         for i, step in enumerate(schedule[:exit_at + 1]):
             timestep = torch.full((batch,), step.timestep, device=device)
             with torch.set_grad_enabled(i == exit_at and torch.is_grad_enabled()):
-                flow = model(x, timestep, context, start)
+                flow = model(x, timestep, context, start, control=hints)
                 x0 = x - step.sigma * flow
             if i < exit_at:
                 sigma = schedule[i + 1].sigma
@@ -56,5 +59,5 @@ def rollout(model: CausalWanModel, context: torch.Tensor, schedule: list[Step], 
         with torch.no_grad():
             clean = x0.detach() if truth is None else truth[:, :, start:start + n].to(device, dtype)
             context_x = (1 - context_sigma) * clean + context_sigma * torch.randn(clean.shape, generator=generator).to(device, dtype)
-            model(context_x, torch.zeros(batch, device=device), context, start)
+            model(context_x, torch.zeros(batch, device=device), context, start, control=hints)
     return torch.cat(outputs, dim=2)

@@ -18,6 +18,11 @@ same with each rollout's cache refreshed from a teacher video instead of the gen
 (the baseline Self Forcing improves on); `ode_init` one regression of the generator onto a teacher
 trajectory (`training/ode.py`), no critic. The teacher trajectories the last two need are computed
 once into `cache/ode/`, a file each, split over the processes.
+
+A VACE model (the base with `model.vace` grafted on, or a VACE base) retrains its add-on: every call
+takes the control of its frames (`training/controls.py`), the generator's rollouts run the add-on
+causally, the teacher is the add-on with adapters off run bidirectionally, and the result is
+`final/vace_module.safetensors`.
 """
 
 from __future__ import annotations
@@ -44,7 +49,7 @@ from sftools.io.output import progress
 from sftools.lora.forms import read_lora_file, write_lora
 from sftools.models.causal_wan import CausalWanModel
 from sftools.sampling.causal import pad_context
-from sftools.sampling.load import load_transformer
+from sftools.sampling.load import load_transformer, plan_model
 from sftools.sampling.noise import keyed_generator
 from sftools.sampling.schedules import few_step_schedule
 from sftools.sampling.text import encode_prompts
@@ -53,10 +58,12 @@ from sftools.training.networks import ROLES, FullNetworks, LoraNetworks
 from sftools.training.checkpoint import load_checkpoint, save_checkpoint
 from sftools.models.kv_cache import visible_frames
 from sftools.training.config import SYNTHETIC_TEACHER, TINY_MODEL, Recipe
+from sftools.training.controls import cache_key, control_files, read_control, tiny_controls
 from sftools.training.dmd import critic_timestep, dmd_loss, flow_loss, noised
 from sftools.training.ode import regression_inputs, regression_loss, trajectory
 from sftools.training.rollout import exit_step, rollout
 from sftools.training.synthetic import synthetic_teacher
+from sftools.wan.vace import FACTS_KEY, AddOnFacts, is_vace_key
 
 TINY_PROMPTS = ("a red ball rolls on grass", "waves at sunset", "a fox in the snow", "city lights at night")
 
@@ -68,7 +75,7 @@ class StepLog:
     seconds: float
 
     def describe(self) -> str:
-        return ", ".join(f"{LOSS_NAMES[name]} {value:.5f}" for name, value in self.losses.items())
+        return ", ".join(f"{LOSS_NAMES[name]} {value:.4g}" for name, value in self.losses.items())  # DMD losses are tiny
 
 
 LOSS_NAMES = {"dmd": "generator (DMD)", "critic": "critic (flow)", "ode": "generator (ODE regression)"}
@@ -81,6 +88,17 @@ class Pair:
     states: torch.Tensor  # [steps + 1, 1, C, T, h, w]
 
 
+@dataclass
+class Example:
+    """What one rollout takes: a prompt (raw and padded), the negative, and for teacher forcing the
+    teacher's video, for a VACE model the control ([1, 96, T, h, w])."""
+    raw: torch.Tensor
+    context: torch.Tensor
+    negative: torch.Tensor
+    truth: torch.Tensor | None = None
+    control: torch.Tensor | None = None
+
+
 class Trainer:
     def __init__(self, recipe: Recipe, output_dir: str, accelerator: Accelerator | None = None) -> None:
         self.recipe, self.output_dir = recipe, output_dir
@@ -88,13 +106,18 @@ class Trainer:
         self.device = self.accelerator.device
         self.start = 0
         os.makedirs(output_dir, exist_ok=True)
-        base, text_encoder = self._base_and_text_encoder()
+        base, vace, text_encoder = self._base_and_text_encoder()
+        plan = plan_model(base, vace=vace)
+        self.config = plan.config
+        self.vace = self.config.model_type == "vace"
+        self.addon_dtypes = {n: t.dtype for n, t in plan.checkpoint.tensors.items() if is_vace_key(n)}
+        self.controls, self.controls_key = self._controls()
         self.embeds, self.negative = self._prompt_embeddings(text_encoder)
-        transformer, self.config = load_transformer(base, device=self.device)
+        transformer, _ = load_transformer(plan, device=self.device)
         m = recipe.model
         init = read_lora_file(m.init_lora) if m.init_lora else None
-        self.nets = (FullNetworks(transformer, init) if m.train == "full"
-                     else LoraNetworks(transformer, m.rank, recipe.run.seed, init))
+        self.nets = (FullNetworks(transformer, init, self.vace) if m.train == "full"
+                     else LoraNetworks(transformer, m.rank, recipe.run.seed, init, self.vace))
         if recipe.run.gradient_checkpointing:
             for module in self.nets.modules():
                 module.enable_gradient_checkpointing()
@@ -115,21 +138,57 @@ class Trainer:
 
     # --- set-up --------------------------------------------------------------------------------
 
-    def _base_and_text_encoder(self) -> tuple[str, str | None]:
-        """The built-in tiny model (and its tiny umT5) is written into the run folder once."""
+    def _base_and_text_encoder(self) -> tuple[str, str | None, str | None]:
+        """(base, VACE module, text encoder). The built-in tiny model (its tiny umT5, and its tiny
+        add-on when asked for) is written into the run folder once."""
         m, d = self.recipe.model, self.recipe.data
         if m.base != TINY_MODEL:
-            return m.base, d.text_encoder
+            return m.base, m.vace, d.text_encoder
+        from dataclasses import replace
+
         from sftools.wan.config import TINY_128
         from sftools.wan.tiny import random_state_dict, write_checkpoint
         from sftools.wan.tiny_parts import write_tiny_text_encoder
 
         folder = os.path.join(self.output_dir, "tiny-model")
+        module = os.path.join(self.output_dir, "tiny-vace-module.safetensors") if m.vace == TINY_MODEL else m.vace
         if self.accelerator.is_main_process and not os.path.exists(os.path.join(folder, "config.json")):
             write_checkpoint(folder, random_state_dict(TINY_128, seed=0), "diffusers", TINY_128)
             write_tiny_text_encoder(folder, text_dim=TINY_128.text_dim)
+        if self.accelerator.is_main_process and m.vace == TINY_MODEL and not os.path.exists(module):
+            addon = replace(TINY_128, model_type="vace", vace_layers=(0, 1))
+            facts = AddOnFacts(addon.num_layers, addon.vace_layers, addon.num_heads, recorded=True)
+            tensors = {n: t for n, t in random_state_dict(addon, seed=1).items() if is_vace_key(n)}
+            save_file(tensors, module + ".tmp", metadata={"format": "pt", FACTS_KEY: facts.to_json()})
+            os.replace(module + ".tmp", module)
         self.accelerator.wait_for_everyone()
-        return folder, d.text_encoder or folder
+        return folder, module, d.text_encoder or folder
+
+    def _controls(self) -> tuple[list[torch.Tensor], str | None]:
+        """(controls, what they depend on) of a VACE run: the built-in ones of the tiny add-on, or
+        those of `data.controls`, encoded once into cache/controls.safetensors; none otherwise."""
+        d, v = self.recipe.data, self.recipe.video
+        if not self.vace:
+            if d.controls:
+                raise SettingsError("data.controls is for VACE add-on runs: set model.vace, or train a VACE model")
+            return [], None
+        channels = self.config.vace_in_dim
+        if d.controls is None:
+            if self.recipe.model.vace != TINY_MODEL:
+                raise SettingsError("a VACE add-on run needs data.controls (a folder of vace_context .safetensors "
+                                    "files or .mp4 control clips)")
+            return tiny_controls(v, channels, self.recipe.run.seed), TINY_MODEL
+        files = control_files(d.controls)
+        key = cache_key(files, v, d.vae)
+        cache = os.path.join(self.output_dir, "cache", "controls.safetensors")
+        if self.accelerator.is_main_process and not _cache_matches(cache, key):
+            tensors = {f"control.{i}": read_control(f, v, d.vae, channels) for i, f in enumerate(files)}
+            os.makedirs(os.path.dirname(cache), exist_ok=True)
+            save_file(tensors, cache + ".tmp", metadata={"key": key})
+            os.replace(cache + ".tmp", cache)
+        self.accelerator.wait_for_everyone()
+        with safe_open(cache, "pt") as f:
+            return [f.get_tensor(f"control.{i}") for i in range(len(files))], key
 
     def _shard(self) -> None:
         """FSDP2 through accelerate: model and optimizers prepared together (accelerate maps the
@@ -138,6 +197,9 @@ class Trainer:
             raise SettingsError("sftools trains with FSDP2: set fsdp_version: 2 in the accelerate config")
         if self.nets.kind == "full":
             raise SettingsError("model.train: full is for small models, on one process or DDP; FSDP shards adapter runs")
+        if self.vace:
+            raise SettingsError("VACE add-on runs train on one process or DDP (the add-on of a 14B model is 3B); "
+                                "FSDP shards the plain adapter runs")
         # FSDP2 warns that the transformer returns a view (its unpatchify reshape); every use of the
         # output here is out of place, which is what the warning asks for.
         warnings.filterwarnings("ignore", message="FSDP2-wrapped module .* returned a view tensor")
@@ -186,7 +248,8 @@ class Trainer:
         r = self.recipe
         key = hashlib.sha256(json.dumps([r.model.base, r.model.teacher, r.data.prompts, r.data.text_encoder,
                                          r.data.negative_prompt, dataclasses.asdict(r.video), r.ode.teacher_steps,
-                                         r.optim.guidance, r.run.seed]).encode()).hexdigest()
+                                         r.optim.guidance, r.run.seed, r.model.vace, self.controls_key]
+                                        ).encode()).hexdigest()
         paths = [os.path.join(folder, f"pair-{i:05d}.safetensors") for i in range(r.ode.pairs)]
         world, rank = self.accelerator.num_processes, self.accelerator.process_index
         missing = [i for i in range(len(paths)) if not _cache_matches(paths[i], key)]
@@ -205,8 +268,9 @@ class Trainer:
     def _write_pair(self, path: str, index: int, key: str, write: bool) -> None:
         prompt = index % len(self.embeds)
         _, context, negative = self._prompt(prompt)
+        control = self._control(index)
         noise = torch.randn(self.shape, generator=keyed_generator(self.recipe.run.seed, index, 0, "ode")).to(self.device)
-        states = trajectory(lambda x, t: self._teacher_flow(x, t, context, negative), noise, self.schedule,
+        states = trajectory(lambda x, t: self._teacher_flow(x, t, context, negative, control), noise, self.schedule,
                             self.recipe.ode.teacher_steps)
         if not write:
             return
@@ -219,25 +283,28 @@ class Trainer:
 
     # --- one iteration -------------------------------------------------------------------------
 
-    def _teacher_flow(self, x_t: torch.Tensor, t: torch.Tensor, context: torch.Tensor,
-                      negative: torch.Tensor) -> torch.Tensor:
-        """The teacher's guided flow, cond + guidance (cond - uncond), no gradients."""
+    def _teacher_flow(self, x_t: torch.Tensor, t: torch.Tensor, context: torch.Tensor, negative: torch.Tensor,
+                      control: torch.Tensor | None = None) -> torch.Tensor:
+        """The teacher's guided flow, cond + guidance (cond - uncond), no gradients; a VACE teacher
+        takes the control in both branches, as diffusers' WanVACEPipeline gives it."""
         guidance = self.recipe.optim.guidance
+        extra = {} if control is None else {"control_hidden_states": control}
         with torch.no_grad(), self.nets.playing(None) as base:
             teacher = self.teacher or base.transformer
-            cond = teacher(hidden_states=x_t, timestep=t, encoder_hidden_states=context, return_dict=False)[0]
+            cond = teacher(hidden_states=x_t, timestep=t, encoder_hidden_states=context, return_dict=False, **extra)[0]
             if guidance == 0:
                 return cond
-            uncond = teacher(hidden_states=x_t, timestep=t, encoder_hidden_states=negative, return_dict=False)[0]
+            uncond = teacher(hidden_states=x_t, timestep=t, encoder_hidden_states=negative, return_dict=False,
+                             **extra)[0]
         return cond + guidance * (cond - uncond)
 
-    def _scores(self, x_t: torch.Tensor, t: torch.Tensor, context: torch.Tensor, negative: torch.Tensor):
+    def _scores(self, x_t: torch.Tensor, t: torch.Tensor, example: Example):
         """x0 of the critic (fake score) and of the teacher with guidance (real score), no gradients."""
         sigma = (t / 1000).view(-1, 1, 1, 1, 1)
         with torch.no_grad():
             with self.nets.playing(CRITIC) as critic:
-                fake = x_t - sigma * critic.bidirectional(x_t, t, context)
-            real = x_t - sigma * self._teacher_flow(x_t, t, context, negative)
+                fake = x_t - sigma * critic.bidirectional(x_t, t, example.context, example.control)
+            real = x_t - sigma * self._teacher_flow(x_t, t, example.context, example.negative, example.control)
         return real, fake
 
     def _backward(self, name: str, loss: torch.Tensor) -> None:
@@ -258,13 +325,12 @@ class Trainer:
         self.optimizers[name].step()
         self.optimizers[name].zero_grad(set_to_none=True)
 
-    def _rollout(self, raw: torch.Tensor, iteration: int, generator: torch.Generator, what: str,
-                 truth: torch.Tensor | None) -> torch.Tensor:
+    def _rollout(self, example: Example, iteration: int, generator: torch.Generator, what: str) -> torch.Tensor:
         v, seed = self.recipe.video, self.recipe.run.seed
         exit_at = exit_step(v.steps, seed + (what == "critic"), iteration)
         with self.nets.playing(GENERATOR) as generator_model, self.accelerator.autocast():
-            return rollout(generator_model, raw, self.schedule, self.shape, v.frames_per_block, exit_at, generator, v.shift,
-                           truth=truth)
+            return rollout(generator_model, example.raw, self.schedule, self.shape, v.frames_per_block, exit_at,
+                           generator, v.shift, truth=example.truth, control=example.control)
 
     def _prompt(self, index: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """(raw, padded) embeddings of prompt `index` and the padded negative."""
@@ -277,12 +343,18 @@ class Trainer:
         accum, world = self.recipe.run.grad_accum, self.accelerator.num_processes
         return (it * world + self.accelerator.process_index) * accum + micro
 
-    def _example(self, it: int, micro: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor | None]:
-        """(raw, padded, negative, truth): a prompt, and for teacher forcing the teacher's video of it."""
+    def _control(self, index: int) -> torch.Tensor | None:
+        """The control draw `index` takes (controls in turn, as prompts are), on the device; None without."""
+        return self.controls[index % len(self.controls)].to(self.device) if self.controls else None
+
+    def _example(self, it: int, micro: int) -> Example:
+        """A prompt (and control), and for teacher forcing the teacher's video of them."""
+        index = self._draw(it, micro)
         if self.recipe.stage != "teacher_forcing":
-            return *self._prompt(self._draw(it, micro)), None
-        pair = self._pair(self._draw(it, micro) % len(self.pairs))
-        return *self._prompt(pair.prompt), pair.states[-1]
+            return Example(*self._prompt(index), control=self._control(index))
+        index %= len(self.pairs)
+        pair = self._pair(index)
+        return Example(*self._prompt(pair.prompt), truth=pair.states[-1], control=self._control(index))
 
     def iteration(self, it: int) -> StepLog:
         began = time.perf_counter()
@@ -312,33 +384,35 @@ class Trainer:
 
     def _generator_loss(self, it: int, micro: int, g: torch.Generator) -> torch.Tensor:
         """DMD on a rollout that keeps gradients at each block's exit step."""
-        raw, context, negative, truth = self._example(it, micro)
-        video = self._rollout(raw, it, g, "generator", truth)
+        example = self._example(it, micro)
+        video = self._rollout(example, it, g, "generator")
         t = critic_timestep(1, self.recipe.video.shift, g).to(self.device)
         x_t = noised(video.detach(), torch.randn(video.shape, generator=g).to(self.device), t)
-        real, fake = self._scores(x_t, t, context, negative)
+        real, fake = self._scores(x_t, t, example)
         return dmd_loss(video, real, fake)
 
     def _critic_loss(self, it: int, micro: int, g: torch.Generator) -> torch.Tensor:
         """The flow loss of the critic on a fresh rollout without gradients."""
-        raw, context, _, truth = self._example(it, micro)
+        example = self._example(it, micro)
         with torch.no_grad():
-            video = self._rollout(raw, it, g, "critic", truth)
+            video = self._rollout(example, it, g, "critic")
         t = critic_timestep(1, self.recipe.video.shift, g).to(self.device)
         noise = torch.randn(video.shape, generator=g).to(self.device)
         with self.nets.playing(CRITIC) as critic, self.accelerator.autocast():
-            flow = critic.bidirectional(noised(video, noise, t), t, context)
+            flow = critic.bidirectional(noised(video, noise, t), t, example.context, example.control)
         return flow_loss(flow, video, noise)
 
     def _ode_loss(self, it: int, micro: int, g: torch.Generator) -> torch.Tensor:
         """The regression of the generator onto a teacher trajectory (Self Forcing's ODE init)."""
         v = self.recipe.video
-        pair = self._pair(self._draw(it, micro) % len(self.pairs))
+        index = self._draw(it, micro) % len(self.pairs)
+        pair = self._pair(index)
         _, context, _ = self._prompt(pair.prompt)
         levels = torch.randint(0, len(self.schedule), (-(-self.shape[2] // v.frames_per_block),), generator=g)
         x, timestep, sigma = regression_inputs(pair.states, self.schedule, levels, v.frames_per_block)
+        visible = visible_frames(self.shape[2], v.frames_per_block)
         with self.nets.playing(GENERATOR) as generator_model, self.accelerator.autocast():
-            flow = generator_model.masked(x, timestep, context, visible_frames(self.shape[2], v.frames_per_block))
+            flow = generator_model.masked(x, timestep, context, visible, self._control(index))
         return regression_loss(x, flow, sigma, pair.states[-1])
 
     def _update_ema(self, it: int) -> None:
@@ -396,17 +470,28 @@ class Trainer:
 
     def generator_weights(self):
         """The generator, from its EMA once that has started: a LoRA for adapter runs, the whole
-        state in original names for full ones (under FSDP every process must call this: the
-        adapter is gathered whole)."""
+        state in original names for full ones, the add-on (in its file's dtypes) for VACE runs
+        (under FSDP every process must call this: the adapter is gathered whole)."""
         values = {n: _whole((self.ema or {}).get(n, p)) for n, p in self._named(GENERATOR)}
+        if self.vace:
+            return {n: t.to(self.addon_dtypes[n]) for n, t in self.nets.addon_weights(values).items()}
         return self.nets.generator_weights(values)
 
     def write_final(self, weights) -> dict[str, str]:
         """final/lora.safetensors (comfyui form) and lora_diffusers.safetensors for adapter runs;
-        final/model.safetensors (original names, what ComfyUI and `sftools sample` load) for full ones."""
+        final/model.safetensors (original names, what ComfyUI and `sftools sample` load) for full ones;
+        final/vace_module.safetensors for VACE runs."""
         final = os.path.join(self.output_dir, "final")
         os.makedirs(final, exist_ok=True)
         meta = {"sftools.training.recipe": json.dumps(self.recipe.to_dict()), "sftools.training.ema": str(bool(self.ema))}
+        if self.vace:  # the module form `vace extract` writes, with the facts `vace graft` checks
+            c = self.config
+            facts = AddOnFacts(c.num_layers, c.vace_layers, c.num_heads, recorded=True)
+            path = os.path.join(final, "vace_module.safetensors")
+            save_file(weights, path + ".tmp", metadata={**meta, "format": "pt", "sftools.layout": "original",
+                                                        FACTS_KEY: facts.to_json()})
+            os.replace(path + ".tmp", path)
+            return {"vace_module": path}
         if self.nets.kind == "full":
             path = os.path.join(final, "model.safetensors")
             save_file(weights, path + ".tmp", metadata=meta)
