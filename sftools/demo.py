@@ -10,6 +10,9 @@ import os
 import shlex
 from typing import Callable
 
+from dataclasses import replace
+
+import numpy as np
 import torch
 from safetensors.torch import load_file
 
@@ -22,12 +25,15 @@ from sftools.lora.merge import merge
 from sftools.lora.settings import ExtractSettings, RankRule
 from sftools.sampling.run import PromptSource, sample_to_file
 from sftools.sampling.settings import from_preset
+from sftools.sampling.vace_context import ControlSource
+from sftools.sampling.video import Mp4Writer
 from sftools.sampling.verify import verify
 from sftools.training.config import Recipe
 from sftools.training.trainer import Trainer
 from sftools.wan.config import TINY_128
 from sftools.wan.tiny import perturbed, random_state_dict, write_checkpoint
 from sftools.wan.tiny_parts import write_tiny_text_encoder, write_tiny_vae
+from sftools.wan.vace import extract_module, graft_module
 
 
 # recipes/tiny-cpu.yaml with run.steps=6 (a test holds the two equal), written out so an installed
@@ -121,5 +127,47 @@ def run_demo(workdir: str, say: Callable[[str], None]) -> dict:
     stage(f"10. train a causal LoRA with Self Forcing (self-rollouts with the KV cache, DMD against the frozen base, a "
           f"critic adapter) for {trained['steps']} iterations -> {trained['outputs']['comfyui']}",
           "train", "recipes/tiny-cpu.yaml", "--set", "run.steps=6", "--output-dir", run_dir)
+
+    vace = vace_stages(workdir, base_state, pt, base, settings, prompt, stage)
     return {"scan": scan, "convert": r, "convert_diffusers": r2, "inspect": info, "lora": report.to_dict(),
-            "merge_error": worst, "sample": sampled, "verify": check.to_dict(), "train": trained}
+            "merge_error": worst, "sample": sampled, "verify": check.to_dict(), "train": trained, **vace}
+
+
+def moving_square(path: str, frames: int, size: int) -> str:
+    """A control clip: a white square crossing a black frame (as a scribble or depth map would steer)."""
+    clip = np.zeros((frames, size, size, 3), dtype=np.uint8)
+    side = size // 4
+    for f in range(frames):
+        x = f * (size - side) // max(frames - 1, 1)
+        clip[f, side:2 * side, x:x + side] = 255
+    with Mp4Writer(path) as writer:
+        writer.append(clip)
+    return path
+
+
+def vace_stages(workdir: str, base_state: dict, pt: str, vae: str, settings, prompt: PromptSource, stage) -> dict:
+    """Cut the add-on of a tiny VACE model, graft it onto the tiny Self Forcing model, and stream it under a control."""
+    config = replace(TINY_128, model_type="vace", vace_layers=(0, 1))
+    addon = {n: t for n, t in random_state_dict(config, seed=5).items() if n.startswith("vace_")}
+    vace_model = write_checkpoint(os.path.join(workdir, "Wan2.1-VACE-tiny.safetensors"), {**base_state, **addon},
+                                  "original", config)
+    module = os.path.join(workdir, "vace_module_tiny.safetensors")
+    cut = extract_module(vace_model, module)
+    stage(f"11. vace extract {vace_model} -> {module}: {cut['tensors']} add-on tensors alone, {cut['vace_blocks']} "
+          f"blocks after layers {cut['vace_layers']}", "vace", "extract", vace_model, "-o", module)
+
+    grafted = os.path.join(workdir, "sf_vace.safetensors")
+    g = graft_module(pt, module, grafted)
+    stage(f"12. vace graft the add-on onto the Self Forcing model -> {grafted}: {g['model']}, {g['base_tensors']} base "
+          f"+ {g['vace_tensors']} add-on tensors, one ComfyUI-ready file", "vace", "graft", pt, module, "-o", grafted)
+
+    control = moving_square(os.path.join(workdir, "square.mp4"), settings.frames, settings.width)
+    video = os.path.join(workdir, "fox_square.mp4")
+    source = ControlSource(control=control)
+    sampled = sample_to_file(grafted, video, settings, prompt, vae=vae, control=source)
+    stage(f"13. sample the grafted model under the control {control} -> {video}: {sampled.frames} frames in "
+          f"{len(sampled.block_seconds)} blocks, each block's control latents entering with that block",
+          "sample", grafted, "--control", control, "--prompt", prompt.text, "--text-encoder", vae, "--vae", vae,
+          "--frames", str(settings.frames), "--height", str(settings.height), "--width", str(settings.width),
+          "-o", video)
+    return {"vace_extract": cut, "vace_graft": g, "vace_sample": sampled}

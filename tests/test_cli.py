@@ -27,11 +27,13 @@ def test_demo_runs_the_chain_and_says_what_each_step_did(tmp_path):
     r = sftools("demo", "--workdir", str(tmp_path))
     assert r.returncode == 0, r.stderr
     for step in ("1. wrote", "2. scan: torch-zip, safe", "3. convert", "4. convert --layout diffusers", "5. inspect",
-                 "6. lora extract", "7. lora merge", "8. sample", "9. verify", "10. train"):
+                 "6. lora extract", "7. lora merge", "8. sample", "9. verify", "10. train", "11. vace extract",
+                 "12. vace graft", "13. sample the grafted model under the control"):
         assert step in r.stdout
     commands = [line.strip()[2:] for line in r.stdout.splitlines() if line.strip().startswith("$ sftools ")]
     assert [c.split()[1] for c in commands] == ["scan", "convert", "convert", "inspect", "lora", "lora", "sample", "verify",
-                                                "train"]
+                                                "train", "vace", "vace", "sample"]
+    assert (tmp_path / "fox_square.mp4").exists() and (tmp_path / "sf_vace.safetensors").exists()
     assert "PASS at --min-psnr 30 (the base alone:" in r.stdout and "dB, FAIL)" in r.stdout
     assert (tmp_path / "fox.mp4").exists()
     again = sftools("demo", "--workdir", str(tmp_path))  # never over what is there
