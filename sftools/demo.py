@@ -10,8 +10,6 @@ import os
 import shlex
 from typing import Callable
 
-from dataclasses import replace
-
 import numpy as np
 import torch
 from safetensors.torch import load_file
@@ -30,7 +28,7 @@ from sftools.sampling.video import Mp4Writer
 from sftools.sampling.verify import verify
 from sftools.training.config import Recipe
 from sftools.training.trainer import Trainer
-from sftools.wan.config import TINY_128
+from sftools.wan.config import TINY_128, TINY_128_VACE
 from sftools.wan.tiny import perturbed, random_state_dict, write_checkpoint
 from sftools.wan.tiny_parts import write_tiny_text_encoder, write_tiny_vae
 from sftools.wan.vace import extract_module, graft_module
@@ -133,12 +131,12 @@ def run_demo(workdir: str, say: Callable[[str], None]) -> dict:
             "merge_error": worst, "sample": sampled, "verify": check.to_dict(), "train": trained, **vace}
 
 
-def moving_square(path: str, frames: int, size: int) -> str:
+def moving_square(path: str, frames: int, height: int, width: int) -> str:
     """A control clip: a white square crossing a black frame (as a scribble or depth map would steer)."""
-    clip = np.zeros((frames, size, size, 3), dtype=np.uint8)
-    side = size // 4
+    clip = np.zeros((frames, height, width, 3), dtype=np.uint8)
+    side = min(height, width) // 4
     for f in range(frames):
-        x = f * (size - side) // max(frames - 1, 1)
+        x = f * (width - side) // max(frames - 1, 1)
         clip[f, side:2 * side, x:x + side] = 255
     with Mp4Writer(path) as writer:
         writer.append(clip)
@@ -147,10 +145,9 @@ def moving_square(path: str, frames: int, size: int) -> str:
 
 def vace_stages(workdir: str, base_state: dict, pt: str, vae: str, settings, prompt: PromptSource, stage) -> dict:
     """Cut the add-on of a tiny VACE model, graft it onto the tiny Self Forcing model, and stream it under a control."""
-    config = replace(TINY_128, model_type="vace", vace_layers=(0, 1))
-    addon = {n: t for n, t in random_state_dict(config, seed=5).items() if n.startswith("vace_")}
+    addon = {n: t for n, t in random_state_dict(TINY_128_VACE, seed=5).items() if n.startswith("vace_")}
     vace_model = write_checkpoint(os.path.join(workdir, "Wan2.1-VACE-tiny.safetensors"), {**base_state, **addon},
-                                  "original", config)
+                                  "original", TINY_128_VACE)
     module = os.path.join(workdir, "vace_module_tiny.safetensors")
     cut = extract_module(vace_model, module)
     stage(f"11. vace extract {vace_model} -> {module}: {cut['tensors']} add-on tensors alone, {cut['vace_blocks']} "
@@ -161,7 +158,7 @@ def vace_stages(workdir: str, base_state: dict, pt: str, vae: str, settings, pro
     stage(f"12. vace graft the add-on onto the Self Forcing model -> {grafted}: {g['model']}, {g['base_tensors']} base "
           f"+ {g['vace_tensors']} add-on tensors, one ComfyUI-ready file", "vace", "graft", pt, module, "-o", grafted)
 
-    control = moving_square(os.path.join(workdir, "square.mp4"), settings.frames, settings.width)
+    control = moving_square(os.path.join(workdir, "square.mp4"), settings.frames, settings.height, settings.width)
     video = os.path.join(workdir, "fox_square.mp4")
     source = ControlSource(control=control)
     sampled = sample_to_file(grafted, video, settings, prompt, vae=vae, control=source)

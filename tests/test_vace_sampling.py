@@ -204,6 +204,23 @@ def test_gradient_checkpointing_gives_the_same_gradients_with_control(files):
     assert all(torch.allclose(a, b, atol=1e-5, rtol=1e-5) for a, b in zip(*grads))
 
 
+def test_masked_calls_train_the_same_with_gradient_checkpointing_on(files):
+    # A masked call (ODE regression, teacher forcing) is not checkpointed: a recompute in the backward
+    # would run without its mask. With checkpointing enabled it still trains, to the same gradients.
+    transformer, _ = load_transformer(files["vace"])
+    model = CausalWanModel(transformer.requires_grad_(True))
+    x = torch.randn(1, 16, 4, 8, 8)
+    t, ctx = torch.tensor([[900.0, 900.0, 500.0, 500.0]]), pad_context(embeds())
+    grads = []
+    for checkpointing in (False, True):
+        if checkpointing:
+            transformer.enable_gradient_checkpointing()
+        model.masked(x, t, ctx, visible_frames(4, 2), context(4).latents).square().sum().backward()
+        grads.append(transformer.vace_blocks[1].attn1.to_q.weight.grad.clone())
+        transformer.zero_grad()
+    assert transformer.gradient_checkpointing and torch.equal(grads[0], grads[1])
+
+
 def test_model_calls_refuse_a_missing_or_unwanted_control(vace, files):
     model, _ = vace
     x, t = torch.randn(1, 16, 3, 8, 8), torch.tensor([500.0])
@@ -332,6 +349,7 @@ def test_a_control_video_with_a_reference_image_is_encoded_as_the_library_encode
     ("base", ["--control", "{ctx5}"], "has no VACE add-on"),
     ("vace", ["--control", "{ctx2}"], "covers 2 latent frames; --frames 17 needs 5"),
     ("vace", ["--control", "{ctx_small}"], "is 6x6 latents (48x48 pixels); this run makes 64x64"),
+    ("vace", ["--control", "{ctx_c64}"], "the VACE context has 64 channels; the model takes 96"),
     ("vace", ["--control", "{short_mp4}", "--vae", "{vae}"], "has 9 frames; --frames 17 needs at least 17"),
     ("vace", ["--control", "{small_mp4}", "--vae", "{vae}"], "frames are 48x48; this run makes 64x64"),
     ("base", ["--vace", "{base}", "--control", "{ctx5}"], "holds no VACE add-on"),
@@ -341,19 +359,26 @@ def test_a_control_video_with_a_reference_image_is_encoded_as_the_library_encode
 def test_vace_refusals_are_one_line_exit_1_and_no_output(files, tiny_vae, capsys, tmp_path, model, extra, message):
     inputs = tmp_path / "inputs"
     inputs.mkdir()
-    for name, frames, size in (("ctx5", 5, 8), ("ctx2", 2, 8), ("ctx_small", 5, 6)):
-        save_file({"vace_context": torch.zeros(96, frames, size, size)}, str(inputs / f"{name}.safetensors"))
+    for name, frames, size, channels in (("ctx5", 5, 8, 96), ("ctx2", 2, 8, 96), ("ctx_small", 5, 6, 96),
+                                         ("ctx_c64", 5, 8, 64)):
+        save_file({"vace_context": torch.zeros(channels, frames, size, size)}, str(inputs / f"{name}.safetensors"))
     narrow = {k: v[:16].contiguous() if k == "vace_patch_embedding.weight" else v
               for k, v in load_file(files["module"]).items()}
     save_file(narrow, str(inputs / "narrow.safetensors"))
     fill = {**files, "vae": tiny_vae[0], "short_mp4": write_clip(inputs / "short.mp4", 9),
             "small_mp4": write_clip(inputs / "small.mp4", 17, 48, 48),
-            **{n: str(inputs / f"{n}.safetensors") for n in ("ctx5", "ctx2", "ctx_small", "narrow")}}
+            **{n: str(inputs / f"{n}.safetensors") for n in ("ctx5", "ctx2", "ctx_small", "ctx_c64", "narrow")}}
     out = tmp_path / "out.safetensors"
     code, text, err = run(capsys, "sample", files[model], "--prompt-embeds", files["embeds"], "--frames", "17", *SIZE,
                           *[e.format(**fill) for e in extra], "-o", str(out))
     assert code == 1 and err.count("\n") == 1 and message in err, err
     assert "Traceback" not in err and text == "" and sorted(os.listdir(tmp_path)) == ["inputs"]
+
+
+def test_control_options_without_a_control_are_a_usage_error(files, capsys, tmp_path):
+    code, _, err = run(capsys, "sample", files["base"], "--prompt-embeds", files["embeds"], "--control-scale", "0.5",
+                       "-o", str(tmp_path / "out.safetensors"))
+    assert code == 2 and "--control-scale go with --control" in err and not os.listdir(tmp_path), err
 
 
 def test_verify_refuses_a_vace_model_it_cannot_control(files, capsys):

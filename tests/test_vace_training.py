@@ -23,13 +23,12 @@ from sftools.training.adapters import GENERATOR
 from sftools.training.config import load_recipe
 from sftools.training.ode import regression_inputs, regression_loss
 from sftools.training.trainer import Trainer
-from sftools.wan.config import TINY_128
+from sftools.wan.config import TINY_128, TINY_128_VACE as ADDON
 from sftools.wan.tiny import random_state_dict, write_checkpoint
-from sftools.wan.tiny_parts import write_tiny_vae
+from sftools.wan.tiny_parts import write_tiny_text_encoder, write_tiny_vae
 
 ROOT = os.path.join(os.path.dirname(__file__), "..", "recipes")
 TINY_RECIPE, VACE_RECIPE = os.path.join(ROOT, "tiny-cpu.yaml"), os.path.join(ROOT, "vace-addon-self-forcing.yaml")
-ADDON = replace(TINY_128, model_type="vace", vace_layers=(0, 1))
 # Two blocks of 3 latent frames (17 video frames, 32x32), so the causal rollout has a past to condition on.
 TINY_VIDEO = ["video.frames=17", "video.height=32", "video.width=32"]
 # The 1.3B VACE recipe brought down to the tiny model and add-on, on the CPU.
@@ -150,6 +149,11 @@ def test_controls_are_read_from_a_folder_as_sample_reads_them(tmp_path):
                          vae, torch.device("cpu"))
     assert torch.equal(trainer.controls[1], clip.fitted(settings, 96).latents)
     assert torch.equal(trainer._control(3), trainer.controls[1])  # controls in turn, as prompts are
+    os.remove(folder / "b.mask.mp4")  # the cache sees a mask go (or change): the clip is encoded again
+    again = Trainer(recipe, str(tmp_path / "run"))
+    unmasked = build_context(ControlSource(control=str(folder / "b.mp4")), settings, vae, torch.device("cpu"))
+    assert torch.equal(again.controls[1], unmasked.fitted(settings, 96).latents)
+    assert not torch.equal(again.controls[1], trainer.controls[1])
 
 
 @pytest.fixture(scope="module")
@@ -158,18 +162,28 @@ def files(tmp_path_factory):
     state = random_state_dict(ADDON, seed=1)
     whole = write_checkpoint(str(d / "whole.safetensors"), state, "original", ADDON)
     assert run(None, "vace", "extract", whole, "-o", str(d / "module.safetensors"))[0] == 0
+    assert run(None, "vace", "extract", whole, "-o", str(d / "module_bf16.safetensors"), "--dtype", "bf16")[0] == 0
+    grafted = str(d / "grafted.safetensors")
+    assert run(None, "vace", "graft", whole, str(d / "module.safetensors"), "-o", grafted, "--replace")[0] == 0
+    from sftools.lora.forms import Lora, write_lora
+
+    main_block = Lora(factors={"blocks.0.ffn.0.weight": (torch.zeros(64, 2), torch.zeros(2, 256))})
+    write_lora(str(d / "main_lora.safetensors"), main_block, "comfyui", torch.float32, {})
     base_config = replace(TINY_128, vace_layers=())
     base = write_checkpoint(str(d / "base.safetensors"), {k: v for k, v in state.items() if not k.startswith("vace_")},
                             "original", base_config)
     narrow = replace(base_config, dim=128, num_heads=1)
     other = write_checkpoint(str(d / "narrow.safetensors"), random_state_dict(narrow), "original", narrow)
-    for name in ("empty", "short", "refs", "clips"):
+    write_tiny_text_encoder(str(d / "te"), text_dim=TINY_128.text_dim)
+    for name in ("empty", "short", "refs", "clips", "ok"):
         (d / name).mkdir()
     save_file({"vace_context": torch.zeros(96, 2, 4, 4)}, str(d / "short" / "c.safetensors"))
+    save_file({"vace_context": torch.randn(96, 5, 4, 4)}, str(d / "ok" / "c.safetensors"))
     save_file({"vace_context": torch.zeros(96, 6, 4, 4)}, str(d / "refs" / "c.safetensors"),
               metadata={"sftools.reference_frames": "1"})
     write_clip(d / "clips" / "c.mp4", 17)
-    return {"dir": str(d), "module": str(d / "module.safetensors"), "base": base, "narrow": other}
+    return {"dir": str(d), "te": str(d / "te"), "module": str(d / "module.safetensors"), "bf16": str(d / "module_bf16.safetensors"),
+            "base": base, "narrow": other, "grafted": grafted, "main_lora": str(d / "main_lora.safetensors")}
 
 
 @pytest.mark.parametrize("overrides,message", [
@@ -182,6 +196,10 @@ def files(tmp_path_factory):
     (["model.base={base}", "model.vace=tiny"], "model.vace: tiny is the built-in add-on of the tiny base"),
     (["model.vace=tiny", "model.teacher={base}"], "the teacher of an add-on is the add-on itself"),
     (["model.base={narrow}", "model.vace={module}", "data.controls={dir}/short"], "belongs to a model of another size"),
+    (["model.base={grafted}", "model.teacher={base}", "data.controls={dir}/ok"],
+     "the teacher of an add-on is the add-on itself"),
+    (["model.base={grafted}", "model.init_lora={main_lora}", "data.controls={dir}/ok"],
+     "changes blocks.0.ffn.0.weight; a VACE run trains the add-on alone"),
 ])
 def test_bad_vace_runs_are_one_line_and_write_no_result(capsys, tmp_path, files, overrides, message):
     args = sets([o.format(**files) for o in [*TINY_VIDEO, *overrides]])
@@ -193,3 +211,15 @@ def test_bad_vace_runs_are_one_line_and_write_no_result(capsys, tmp_path, files,
 def test_values_yaml_1_1_misreads_are_taken_as_written():
     recipe = load_recipe(TINY_RECIPE, ["optim.lr=1e-4", "run.mixed_precision=no"])  # text and False to YAML 1.1
     assert recipe.optim.lr == 1e-4 and recipe.run.mixed_precision == "no"
+
+
+def test_a_module_keeps_its_dtype_and_a_run_resumes_only_into_the_networks_it_trained(capsys, tmp_path, files):
+    common = sets([*TINY_VIDEO, f"model.base={files['base']}", f"model.vace={files['bf16']}", f"data.text_encoder={files['te']}",
+                   f"data.controls={files['dir']}/ok", "run.steps=2", "optim.critic_ratio=2"])
+    code, _, err = run(capsys, "train", TINY_RECIPE, *common, "--output-dir", str(tmp_path / "run"))
+    assert code == 0, err
+    result, source = (load_file(p) for p in (str(tmp_path / "run" / "final" / "vace_module.safetensors"), files["bf16"]))
+    assert sorted(result) == sorted(source) and {t.dtype for t in result.values()} == {torch.bfloat16}
+    code, _, err = run(capsys, "train", TINY_RECIPE, *common, "--set", "model.rank=8", "--set", "run.steps=3",
+                       "--output-dir", str(tmp_path / "run"), "--resume", str(tmp_path / "run"))
+    assert code == 1 and "it trained other networks" in err and err.count("\n") == 1, err

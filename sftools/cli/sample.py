@@ -85,8 +85,8 @@ def vace_options(command):
                      "kept from the control (default: all white)."),
         click.option("--reference-image", "reference_images", multiple=True, metavar="IMAGE",
                      help="Reference image for a control video (repeatable); enters as clean frames before the video."),
-        click.option("--control-scale", type=float, default=1.0, show_default=True,
-                     help="Strength of the VACE hints (diffusers' conditioning_scale)."),
+        click.option("--control-scale", type=float, default=None,
+                     help="Strength of the VACE hints (diffusers' conditioning_scale; default 1.0)."),
     ]
     return functools.reduce(lambda cmd, option: option(cmd), reversed(options), command)
 
@@ -99,10 +99,11 @@ def control_source(kw: dict):
     control, mask, references, scale = (kw.pop(k) for k in ("control", "control_mask", "reference_images",
                                                               "control_scale"))
     if control is None:
-        if mask or references:
-            raise SettingsError("--control-mask and --reference-image go with --control")
+        if mask or references or scale is not None:
+            raise SettingsError("--control-mask, --reference-image and --control-scale go with --control")
         return None
-    return ControlSource(control=control, mask=mask, reference_images=tuple(references), scale=scale)
+    return ControlSource(control=control, mask=mask, reference_images=tuple(references),
+                         scale=1.0 if scale is None else scale)
 
 
 @click.command("sample", short_help="Generate with the causal KV-cache sampler.")

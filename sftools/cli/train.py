@@ -20,7 +20,9 @@ def train_cmd(recipe, overrides, output_dir, resume, as_json) -> None:
     distribution. At the end DIR/final/lora.safetensors (comfyui form; lora_diffusers.safetensors
     beside it) is ready for `sftools sample --lora`. `accelerate launch -m sftools train ...` runs
     the same recipe on several processes. With model.train: full (small models) the generator and
-    critic are whole copies of the base and the result is DIR/final/model.safetensors."""
+    critic are whole copies of the base and the result is DIR/final/model.safetensors. With model.vace
+    (or a VACE base) the add-on is retrained for causal use under data.controls, the base frozen, and
+    the result is DIR/final/vace_module.safetensors."""
     import os
 
     from sftools.training.config import load_recipe

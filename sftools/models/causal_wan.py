@@ -201,14 +201,21 @@ class CausalWanModel(torch.nn.Module):
             raise RuntimeError("call reset(spec) before the first block of a video")
         self.state.active, self.state.start_frame, self.state.branch = True, start_frame, branch
         self.state.context = context
+        try:
+            with self._not_checkpointed():
+                yield
+        finally:
+            self.state.active, self.state.start_frame, self.state.context = False, 0, None
+
+    @contextlib.contextmanager
+    def _not_checkpointed(self) -> Iterator[None]:
         # Gradient checkpointing would recompute the blocks during the backward, outside this call,
-        # where the processors no longer see its cache position: causal calls are not checkpointed
-        # (bidirectional ones, the critic's and the teacher's, still are).
+        # where the processors no longer see its cache position or mask: causal and masked calls are
+        # not checkpointed (bidirectional ones, the critic's and the teacher's, still are).
         checkpointing, self.transformer.gradient_checkpointing = self.transformer.gradient_checkpointing, False
         try:
             yield
         finally:
-            self.state.active, self.state.start_frame, self.state.context = False, 0, None
             self.transformer.gradient_checkpointing = checkpointing
 
     def forward(self, latents: torch.Tensor, timestep: torch.Tensor, context: torch.Tensor,
@@ -237,7 +244,8 @@ class CausalWanModel(torch.nn.Module):
         tokens = (height // p_h) * (width // p_w)
         self.state.mask = visible.repeat_interleave(tokens, 0).repeat_interleave(tokens, 1).to(latents.device)
         try:
-            return self.bidirectional(latents, timestep, context, control, control_scale)
+            with self._not_checkpointed():
+                return self.bidirectional(latents, timestep, context, control, control_scale)
         finally:
             self.state.mask = None
 

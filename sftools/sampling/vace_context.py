@@ -178,6 +178,29 @@ def encode_context(vae, frames: list, mask: list | None, references: list, heigh
     return torch.cat([latents, masks], dim=1)
 
 
+@dataclass
+class ControlClips:
+    """A control video's frames, its mask's and its reference images, read and checked (PIL images)."""
+
+    source: ControlSource
+    frames: list
+    mask: list | None
+    references: list
+
+
+def read_clips(source: ControlSource, settings: SampleSettings) -> ControlClips:
+    """The pictures of a control video source, each checked against the run's size and length."""
+    size = (settings.frames, settings.height, settings.width)
+    return ControlClips(source, read_clip(source.control, *size),
+                        read_clip(source.mask, *size) if source.mask else None,
+                        [read_image(p) for p in source.reference_images])
+
+
+def encode_clips(vae, clips: ControlClips, settings: SampleSettings) -> VaceContext:
+    latents = encode_context(vae, clips.frames, clips.mask, clips.references, settings.height, settings.width)
+    return VaceContext(latents.float().cpu(), len(clips.references), clips.source.scale, clips.source.control)
+
+
 def build_context(source: ControlSource, settings: SampleSettings, vae_dir: str | None,
                   device: torch.device) -> VaceContext:
     """The context `source` names, for `settings`: read, or encoded with the VAE at `vae_dir` (freed after)."""
@@ -186,12 +209,9 @@ def build_context(source: ControlSource, settings: SampleSettings, vae_dir: str 
     if not vae_dir:
         raise SettingsError(f"--control {source.control}: a control video is encoded with --vae DIR (a local Wan "
                             "VAE or diffusers folder); or give a precomputed vace_context .safetensors")
-    size = (settings.frames, settings.height, settings.width)
-    frames = read_clip(source.control, *size)
-    mask = read_clip(source.mask, *size) if source.mask else None
-    references = [read_image(p) for p in source.reference_images]
+    clips = read_clips(source, settings)  # before the VAE loads: a clip that does not fit costs nothing
     vae = load_vae(vae_dir, device, torch.float32)
-    latents = encode_context(vae, frames, mask, references, settings.height, settings.width)
+    context = encode_clips(vae, clips, settings)
     del vae
     gc.collect()
-    return VaceContext(latents.float().cpu(), len(references), source.scale, source.control)
+    return context

@@ -17,7 +17,9 @@ import torch
 
 from sftools.errors import SftoolsError
 from sftools.sampling.settings import SampleSettings
-from sftools.sampling.vace_context import LATENT_CHANNELS, ControlSource, build_context, read_context_file
+from sftools.sampling.vace_context import (LATENT_CHANNELS, ControlSource, VaceContext, encode_clips, read_clips,
+                                           read_context_file)
+from sftools.sampling.video import load_vae
 from sftools.training.config import VideoSettings
 
 MASK_SUFFIX = ".mask.mp4"
@@ -34,27 +36,46 @@ def control_files(folder: str) -> list[str]:
     return [os.path.join(folder, n) for n in names]
 
 
+def mask_of(path: str) -> str | None:
+    """The mask clip beside control clip `path`, if there is one."""
+    mask = path.removesuffix(".mp4") + MASK_SUFFIX
+    return mask if path.endswith(".mp4") and os.path.exists(mask) else None
+
+
 def cache_key(files: list[str], video: VideoSettings, vae: str | None) -> str:
-    """What the encoded contexts depend on: the files as they are now, the video size, the VAE."""
-    stats = [(f, os.path.getsize(f), os.path.getmtime(f)) for f in files]
-    return hashlib.sha256(json.dumps([stats, vars(video), vae]).encode()).hexdigest()
+    """What the encoded contexts depend on: the files (masks included) as they are now, the video
+    size and length, the VAE."""
+    paths = [p for f in files for p in (f, mask_of(f)) if p]
+    stats = [(p, os.path.getsize(p), os.path.getmtime(p)) for p in paths]
+    return hashlib.sha256(json.dumps([stats, video.frames, video.height, video.width, vae]).encode()).hexdigest()
 
 
-def read_control(path: str, video: VideoSettings, vae: str | None, channels: int) -> torch.Tensor:
-    """[1, 96, latent frames, h, w]: the control at `path` cut to the run's frames, or one line saying why not."""
+def read_controls(files: list[str], video: VideoSettings, vae_dir: str | None, channels: int,
+                  device: torch.device) -> list[torch.Tensor]:
+    """[1, 96, latent frames, h, w] per file, cut to the run's frames, or one line saying why one does
+    not fit. Clips are read one at a time (so memory holds one), encoded by one VAE on `device`."""
     settings = SampleSettings(frames=video.frames, height=video.height, width=video.width)
-    if path.endswith(".safetensors"):
-        context = read_context_file(path)
-    else:
-        mask = path.removesuffix(".mp4") + MASK_SUFFIX
-        source = ControlSource(control=path, mask=mask if os.path.exists(mask) else None)
-        if vae is None:
-            raise SftoolsError(f"{path}: a control clip is encoded with a VAE: set data.vae")
-        context = build_context(source, settings, vae, torch.device("cpu"))
+    if vae_dir is None:
+        clip = next((f for f in files if f.endswith(".mp4")), None)
+        if clip:
+            raise SftoolsError(f"{clip}: a control clip is encoded with a VAE: set data.vae")
+    vae, out = None, []
+    for path in files:
+        if path.endswith(".safetensors"):
+            context = read_context_file(path)
+        else:
+            clips = read_clips(ControlSource(control=path, mask=mask_of(path)), settings)
+            vae = vae or load_vae(vae_dir, device, torch.float32)
+            context = encode_clips(vae, clips, settings)
+        out.append(_fitted(context, settings, channels))
+    return out
+
+
+def _fitted(context: VaceContext, settings: SampleSettings, channels: int) -> torch.Tensor:
     if context.reference_frames:
-        raise SftoolsError(f"{path}: has {context.reference_frames} reference frames; training takes controls "
-                           "without reference images")
-    return context.fitted(settings, channels).latents.contiguous()
+        raise SftoolsError(f"{context.source}: has {context.reference_frames} reference frames; training takes "
+                           "controls without reference images")
+    return context.fitted(settings, channels).latents.cpu().contiguous()
 
 
 def tiny_controls(video: VideoSettings, channels: int, seed: int) -> list[torch.Tensor]:

@@ -44,7 +44,7 @@ from accelerate.utils import DistributedType
 from safetensors import safe_open
 from safetensors.torch import save_file
 
-from sftools.errors import SettingsError
+from sftools.errors import SettingsError, SftoolsError
 from sftools.io.output import progress
 from sftools.lora.forms import read_lora_file, write_lora
 from sftools.models.causal_wan import CausalWanModel
@@ -58,12 +58,12 @@ from sftools.training.networks import ROLES, FullNetworks, LoraNetworks
 from sftools.training.checkpoint import load_checkpoint, save_checkpoint
 from sftools.models.kv_cache import visible_frames
 from sftools.training.config import SYNTHETIC_TEACHER, TINY_MODEL, Recipe
-from sftools.training.controls import cache_key, control_files, read_control, tiny_controls
+from sftools.training.controls import cache_key, control_files, read_controls, tiny_controls
 from sftools.training.dmd import critic_timestep, dmd_loss, flow_loss, noised
 from sftools.training.ode import regression_inputs, regression_loss, trajectory
 from sftools.training.rollout import exit_step, rollout
 from sftools.training.synthetic import synthetic_teacher
-from sftools.wan.vace import FACTS_KEY, AddOnFacts, is_vace_key
+from sftools.wan.vace import is_vace_key, write_module
 
 TINY_PROMPTS = ("a red ball rolls on grass", "waves at sunset", "a fox in the snow", "city lights at night")
 
@@ -111,11 +111,13 @@ class Trainer:
         self.config = plan.config
         self.vace = self.config.model_type == "vace"
         self.addon_dtypes = {n: t.dtype for n, t in plan.checkpoint.tensors.items() if is_vace_key(n)}
+        m = recipe.model
+        init = read_lora_file(m.init_lora) if m.init_lora else None
+        if self.vace:
+            self._check_vace_run(base, init)
         self.controls, self.controls_key = self._controls()
         self.embeds, self.negative = self._prompt_embeddings(text_encoder)
         transformer, _ = load_transformer(plan, device=self.device)
-        m = recipe.model
-        init = read_lora_file(m.init_lora) if m.init_lora else None
         self.nets = (FullNetworks(transformer, init, self.vace) if m.train == "full"
                      else LoraNetworks(transformer, m.rank, recipe.run.seed, init, self.vace))
         if recipe.run.gradient_checkpointing:
@@ -144,9 +146,7 @@ class Trainer:
         m, d = self.recipe.model, self.recipe.data
         if m.base != TINY_MODEL:
             return m.base, m.vace, d.text_encoder
-        from dataclasses import replace
-
-        from sftools.wan.config import TINY_128
+        from sftools.wan.config import TINY_128, TINY_128_VACE
         from sftools.wan.tiny import random_state_dict, write_checkpoint
         from sftools.wan.tiny_parts import write_tiny_text_encoder
 
@@ -156,13 +156,21 @@ class Trainer:
             write_checkpoint(folder, random_state_dict(TINY_128, seed=0), "diffusers", TINY_128)
             write_tiny_text_encoder(folder, text_dim=TINY_128.text_dim)
         if self.accelerator.is_main_process and m.vace == TINY_MODEL and not os.path.exists(module):
-            addon = replace(TINY_128, model_type="vace", vace_layers=(0, 1))
-            facts = AddOnFacts(addon.num_layers, addon.vace_layers, addon.num_heads, recorded=True)
-            tensors = {n: t for n, t in random_state_dict(addon, seed=1).items() if is_vace_key(n)}
-            save_file(tensors, module + ".tmp", metadata={"format": "pt", FACTS_KEY: facts.to_json()})
-            os.replace(module + ".tmp", module)
+            addon = {n: t for n, t in random_state_dict(TINY_128_VACE, seed=1).items() if is_vace_key(n)}
+            write_module(module, addon, TINY_128_VACE, {})
         self.accelerator.wait_for_everyone()
         return folder, module, d.text_encoder or folder
+
+    def _check_vace_run(self, base: str, init) -> None:
+        """What a VACE add-on run cannot take, in one line before any work."""
+        m = self.recipe.model
+        if m.teacher:
+            raise SettingsError(f"model.teacher with the VACE model {base}: the teacher of an add-on is the add-on "
+                                "itself, with bidirectional attention")
+        foreign = next((n for n in (init.params if init else []) if not is_vace_key(n)), None)
+        if foreign:
+            raise SettingsError(f"model.init_lora {m.init_lora}: changes {foreign}; a VACE run trains the add-on "
+                                "alone, so its LoRA may change only vace_* weights")
 
     def _controls(self) -> tuple[list[torch.Tensor], str | None]:
         """(controls, what they depend on) of a VACE run: the built-in ones of the tiny add-on, or
@@ -182,7 +190,8 @@ class Trainer:
         key = cache_key(files, v, d.vae)
         cache = os.path.join(self.output_dir, "cache", "controls.safetensors")
         if self.accelerator.is_main_process and not _cache_matches(cache, key):
-            tensors = {f"control.{i}": read_control(f, v, d.vae, channels) for i, f in enumerate(files)}
+            controls = read_controls(files, v, d.vae, channels, self.device)
+            tensors = {f"control.{i}": c for i, c in enumerate(controls)}
             os.makedirs(os.path.dirname(cache), exist_ok=True)
             save_file(tensors, cache + ".tmp", metadata={"key": key})
             os.replace(cache + ".tmp", cache)
@@ -225,7 +234,7 @@ class Trainer:
         key = hashlib.sha256(json.dumps([prompts, d.negative_prompt, text_encoder]).encode()).hexdigest()
         if self.accelerator.is_main_process and not _cache_matches(cache, key):
             if text_encoder is None:
-                raise ValueError("data.text_encoder is needed to encode the prompts")
+                raise SettingsError("data.text_encoder (a local Wan diffusers folder) is needed to encode the prompts")
             tensors = {}
             for i, prompt in enumerate(prompts):
                 positive, negative = encode_prompts(text_encoder, prompt, d.negative_prompt, torch.device("cpu"),
@@ -459,6 +468,12 @@ class Trainer:
     def resume(self, path: str) -> None:
         tensors, states, meta = load_checkpoint(path, list(self.optimizers))
         live = dict(p for name in (GENERATOR, CRITIC) for p in self._named(name))
+        for n, p in live.items():
+            saved = tensors.get(f"weights.{n}")
+            if saved is None or tuple(saved.shape) != tuple(p.shape):
+                raise SftoolsError(f"{path}: its checkpoint {'lacks' if saved is None else 'has another shape for'} "
+                                   f"{n}: it trained other networks (model.train, model.rank, model.vace); resume "
+                                   "with the recipe it was written with")
         with torch.no_grad():
             for n, p in live.items():
                 p.copy_(_like(p, tensors[f"weights.{n}"]))
@@ -485,12 +500,8 @@ class Trainer:
         os.makedirs(final, exist_ok=True)
         meta = {"sftools.training.recipe": json.dumps(self.recipe.to_dict()), "sftools.training.ema": str(bool(self.ema))}
         if self.vace:  # the module form `vace extract` writes, with the facts `vace graft` checks
-            c = self.config
-            facts = AddOnFacts(c.num_layers, c.vace_layers, c.num_heads, recorded=True)
             path = os.path.join(final, "vace_module.safetensors")
-            save_file(weights, path + ".tmp", metadata={**meta, "format": "pt", "sftools.layout": "original",
-                                                        FACTS_KEY: facts.to_json()})
-            os.replace(path + ".tmp", path)
+            write_module(path, weights, self.config, meta)
             return {"vace_module": path}
         if self.nets.kind == "full":
             path = os.path.join(final, "model.safetensors")

@@ -64,6 +64,7 @@ TINY_VACE = replace(TINY, model_type="vace", num_layers=4, vace_layers=(0, 2))
 # Tiny with the real head_dim 128: its head count is read back from the width alone (dim / 128, as
 # ComfyUI does), so pickles, which carry no config, describe it exactly. The demo uses it.
 TINY_128 = WanConfig(dim=256, ffn_dim=64, num_heads=2, num_layers=2, text_dim=32, freq_dim=256)
+TINY_128_VACE = replace(TINY_128, model_type="vace", vace_layers=(0, 1))  # the training recipes' tiny add-on
 # Wan 2.2 (Wan-Video/Wan2.2 `wan/configs/wan_{t2v,i2v}_A14B.py`, `wan_ti2v_5B.py`): each A14B expert.
 T2V_A14B = replace(T2V_14B, wan_version="2.2")
 I2V_A14B = replace(I2V_14B, wan_version="2.2")

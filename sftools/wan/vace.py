@@ -20,6 +20,8 @@ import json
 import os
 from dataclasses import asdict, dataclass, replace
 
+import torch
+
 from sftools import __version__
 from sftools.errors import SftoolsError
 from sftools.io.dtypes import torch_dtype
@@ -166,6 +168,15 @@ def extract_module(src: str, out: str, layout: str = "original", dtype: str = "k
         **_facts_report(addon),
         "notes": module.notes,
     }
+
+
+def write_module(out: str, tensors: dict[str, torch.Tensor], config: WanConfig, metadata: dict[str, str]) -> None:
+    """An add-on module in original names, as `extract_module` writes one, from tensors in memory
+    (a trained add-on), with the facts of `config` (the VACE model it belongs to) for `graft`."""
+    facts = AddOnFacts(config.num_layers, config.vace_layers, config.num_heads, recorded=True)
+    write_file(out, {n: LazyTensor.of(t) for n, t in tensors.items()},
+               {**metadata, "format": "pt", "sftools.version": __version__, "sftools.layout": "original",
+                FACTS_KEY: facts.to_json()}, desc="writing VACE module")
 
 
 def _facts_report(addon: AddOn) -> dict:
