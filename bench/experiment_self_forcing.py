@@ -1,6 +1,6 @@
 """Self Forcing against teacher forcing on a task with a known teacher (sftools/training/experiment.py).
 
-    python bench/experiment_self_forcing.py [--workdir DIR] [--quick]
+    python bench/experiment_self_forcing.py [--workdir DIR] [--quick] [--full]
 
 Trains the tiny model's causal LoRA students on the CPU (a few minutes), samples each for more blocks
 than it was trained on, and writes docs/self_forcing_experiment.md with the distances per block and a
@@ -14,11 +14,12 @@ import argparse
 import os
 import sys
 import tempfile
+from dataclasses import replace
 
 from sftools.training.experiment import QUICK, STUDENTS, ExperimentResult, ExperimentSettings, run_experiment
 
 DOCS = os.path.join(os.path.dirname(__file__), "..", "docs")
-LABELS = {"base": "base, no LoRA (causal, 4 steps)", "ode_init": "ODE init", "teacher_forcing": "teacher forcing",
+LABELS = {"base": "the base as a causal 4-step student, untrained", "ode_init": "ODE init", "teacher_forcing": "teacher forcing",
           "self_forcing": "Self Forcing", "teacher samples": "exact draws of the law (floor)"}
 
 
@@ -52,7 +53,7 @@ def plot(result: ExperimentResult, path: str) -> bool:
     ax.set_xlabel("block index (3 latent frames each)")
     ax.set_ylabel("Fréchet distance to the teacher's law")
     ax.set_xlim(0.5, len(values) + 0.5)
-    ax.legend(fontsize=8)
+    ax.legend(fontsize=8, loc="upper left")
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     return True
@@ -75,8 +76,8 @@ plus white noise (0.1). Its samples, its scores and the law of every frame are e
 The base is the tiny built-in Wan (2 layers, dim 256), trained in full for {s.base_steps} steps as a
 bidirectional flow-matching model on exact draws, so that it knows the task as Wan knows video.
 
-**Students.** Rank-{s.rank} causal LoRAs, {s.frames_per_block} latent frames a block, 4 steps:
-`ode_init` for {s.ode_steps} iterations on {s.pairs} teacher trajectories, then from that LoRA
+**Students.** {"Whole causal models (full-parameter)" if s.train == "full" else f"Rank-{s.rank} causal LoRAs"}, {s.frames_per_block} latent frames a block, 4 steps:
+`ode_init` for {s.ode_steps} iterations on {s.pairs} teacher trajectories, then from that {"model" if s.train == "full" else "LoRA"}
 {s.steps} iterations each of `teacher_forcing` and `self_forcing` (the same DMD, critic ratio
 {s.critic_ratio}, learning rates {s.lr} / {s.lr_critic}, after {s.lr_ode} for the regression; the
 only difference is what fills the cache:
@@ -105,8 +106,12 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--workdir", help="where the runs go (default: a temporary folder)")
     parser.add_argument("--quick", action="store_true", help="the test's small settings (about a minute)")
+    parser.add_argument("--full", action="store_true", help="whole-model students (model.train: full), as Self "
+                        "Forcing trains them, at full-parameter learning rates, instead of LoRAs")
     args = parser.parse_args()
     settings = QUICK if args.quick else ExperimentSettings()
+    if args.full:
+        settings = replace(settings, train="full", lr_ode=3e-4, lr=1e-4, lr_critic=1e-3)
     with tempfile.TemporaryDirectory() as tmp:
         result = run_experiment(settings, args.workdir or tmp, on_stage=lambda text: print(text, file=sys.stderr))
     os.makedirs(DOCS, exist_ok=True)

@@ -51,6 +51,7 @@ class ExperimentSettings:
     frames_per_block: int = 3  # latent frames
     size: int = 32  # pixels; the latent is size / 8 square
     rank: int = 16
+    train: str = "lora"  # the students: LoRAs on the base, or (full) whole copies of it, as Self Forcing trains
     lr_base: float = 1e-3  # the base's full-parameter pretraining
     lr_ode: float = 2e-3  # the generator LoRA's regression
     lr: float = 3e-4  # the generator LoRA under DMD (self and teacher forcing)
@@ -113,12 +114,13 @@ def pretrain_base(settings: ExperimentSettings, folder: str) -> str:
     return write_checkpoint(folder, state, "diffusers", TINY_128)
 
 
-def recipe(settings: ExperimentSettings, stage: str, steps: int, base: str, init_lora: str | None = None) -> Recipe:
+def recipe(settings: ExperimentSettings, stage: str, steps: int, base: str, init_lora: str | None = None,
+           text_encoder: str | None = None) -> Recipe:
     s = settings
     return Recipe.from_dict({
         "stage": stage,
-        "model": {"base": base, "teacher": SYNTHETIC_TEACHER, "rank": s.rank, "init_lora": init_lora},
-        "data": {"text_encoder": base},
+        "model": {"base": base, "teacher": SYNTHETIC_TEACHER, "rank": s.rank, "init_lora": init_lora, "train": s.train},
+        "data": {"text_encoder": text_encoder or base},
         "video": {"frames": s.frames(s.trained_blocks), "height": s.size, "width": s.size,
                   "frames_per_block": s.frames_per_block, "steps": 4, "shift": 5.0},
         "optim": {"lr": s.lr_ode if stage == "ode_init" else s.lr, "lr_critic": s.lr_critic,
@@ -130,12 +132,12 @@ def recipe(settings: ExperimentSettings, stage: str, steps: int, base: str, init
 
 
 def train_stage(settings: ExperimentSettings, stage: str, steps: int, workdir: str, base: str,
-                init_lora: str | None = None) -> tuple[Trainer, str, float]:
-    """(trainer, final LoRA path, seconds) of one stage, run in workdir/stage."""
-    trainer = Trainer(recipe(settings, stage, steps, base, init_lora), os.path.join(workdir, stage))
+                init_lora: str | None = None, text_encoder: str | None = None) -> tuple[Trainer, str, float]:
+    """(trainer, final LoRA or model path, seconds) of one stage, run in workdir/stage."""
+    trainer = Trainer(recipe(settings, stage, steps, base, init_lora, text_encoder), os.path.join(workdir, stage))
     began = time.perf_counter()
     outputs = trainer.train()["outputs"]
-    return trainer, outputs["comfyui"], time.perf_counter() - began
+    return trainer, outputs.get("comfyui") or outputs["model"], time.perf_counter() - began
 
 
 def evaluation_contexts(embeds: list[torch.Tensor], videos: int) -> torch.Tensor:
@@ -169,18 +171,22 @@ def run_experiment(settings: ExperimentSettings, workdir: str, on_stage=None) ->
     base = pretrain_base(s, os.path.join(workdir, "base"))
     seconds = {"base": time.perf_counter() - began}
     say(f"ode_init: {s.ode_steps} iterations")
-    init, init_lora, seconds["ode_init"] = train_stage(s, "ode_init", s.ode_steps, workdir, base)
-    loras = {"base": None, "ode_init": init_lora}
+    init, init_out, seconds["ode_init"] = train_stage(s, "ode_init", s.ode_steps, workdir, base)
+    # Each student as (model, LoRA): LoRAs on the base, or whole models continuing from the ODE init's.
+    full = s.train == "full"
+    students = {"base": (base, None), "ode_init": (init_out, None) if full else (base, init_out)}
     for stage in ("teacher_forcing", "self_forcing"):
-        say(f"{stage}: {s.steps} iterations from the ode_init LoRA")
-        _, loras[stage], seconds[stage] = train_stage(s, stage, s.steps, workdir, base, init_lora)
+        say(f"{stage}: {s.steps} iterations from the ode_init student")
+        start, lora = students["ode_init"]
+        _, out, seconds[stage] = train_stage(s, stage, s.steps, workdir, start, lora, text_encoder=base)
+        students[stage] = (out, None) if full else (base, out)
     config = init.config
     teacher = synthetic_teacher(config.out_dim, s.size // 8, s.size // 8, config.text_dim)
     contexts = evaluation_contexts(init.embeds, s.videos)
     distances = {}
     for student in STUDENTS:
         say(f"sampling {s.videos} videos of {s.eval_blocks} blocks: {student}")
-        videos = sample_students(base, loras[student], s, contexts)
+        videos = sample_students(*students[student], s, contexts)
         distances[student] = block_distances(teacher, videos, contexts, s.frames_per_block)
     exact = teacher.sample(contexts, s.eval_blocks * s.frames_per_block, keyed_generator(s.seed, "law"))
     distances["teacher samples"] = block_distances(teacher, exact, contexts, s.frames_per_block)
