@@ -9,6 +9,7 @@ import pytest
 import torch
 from diffusers.models.transformers.transformer_wan import WanAttnProcessor
 
+from draws import Draws
 from sftools.models.causal_wan import CausalWanModel
 from sftools.sampling.causal import CausalSampler, blocks, pad_context
 from sftools.sampling.load import load_transformer
@@ -20,22 +21,6 @@ from sftools.wan.tiny import random_state_dict, write_checkpoint
 
 # head_dim 128 as in the real models (RoPE split 44/42/42); TINY has head_dim 16 (split 8/4/4).
 HEAD128 = WanConfig(dim=256, ffn_dim=64, num_heads=2, num_layers=2, text_dim=32, freq_dim=256)
-
-
-class Draws:
-    """Explicit draws, as a --noise file gives them."""
-
-    def __init__(self, settings: SampleSettings, seed: int = 1):
-        g = torch.Generator().manual_seed(seed)
-        h, w = settings.latent_size
-        self.noise = torch.randn(1, 16, settings.latent_frames, h, w, generator=g)
-        self.draws = torch.randn(max(settings.steps - 1, 1), 1, 16, settings.latent_frames, h, w, generator=g)
-
-    def initial(self, start, frames):
-        return self.noise[:, :, start:start + frames]
-
-    def renoise(self, step, start, frames):
-        return self.draws[step][:, :, start:start + frames]
 
 
 @pytest.fixture(scope="module")

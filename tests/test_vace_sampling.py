@@ -15,6 +15,7 @@ from PIL import Image
 from safetensors.torch import load_file, save_file
 
 from cli_runner import run
+from draws import Draws
 from sftools.models.causal_wan import CausalWanModel
 from sftools.models.kv_cache import visible_frames
 from sftools.sampling.causal import CausalSampler, blocks, cache_spec, pad_context
@@ -30,22 +31,6 @@ from sftools.wan.tiny_parts import write_tiny_vae
 
 BASE = replace(TINY_VACE, model_type="t2v", vace_layers=())
 SIZE = ["--height", "64", "--width", "64"]
-
-
-class Draws:
-    """Explicit draws, as a --noise file gives them."""
-
-    def __init__(self, s: SampleSettings, seed: int = 1):
-        g = torch.Generator().manual_seed(seed)
-        h, w = s.latent_size
-        self.noise = torch.randn(1, 16, s.latent_frames, h, w, generator=g)
-        self.draws = torch.randn(max(s.steps - 1, 1), 1, 16, s.latent_frames, h, w, generator=g)
-
-    def initial(self, start, frames):
-        return self.noise[:, :, start:start + frames]
-
-    def renoise(self, step, start, frames):
-        return self.draws[step][:, :, start:start + frames]
 
 
 def settings(latent_frames=9, **kw) -> SampleSettings:
