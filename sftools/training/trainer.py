@@ -34,6 +34,7 @@ import os
 import time
 import warnings
 from dataclasses import dataclass
+from typing import Callable
 
 import torch
 import torch.distributed as dist
@@ -42,7 +43,7 @@ from torch.distributed.tensor import DTensor, distribute_tensor
 from accelerate import Accelerator
 from accelerate.utils import DistributedType
 from safetensors import safe_open
-from safetensors.torch import save_file
+from safetensors.torch import load_file, save_file
 
 from sftools.errors import SettingsError, SftoolsError
 from sftools.io.output import progress
@@ -189,15 +190,9 @@ class Trainer:
         files = control_files(d.controls)
         key = cache_key(files, v, d.vae)
         cache = os.path.join(self.output_dir, "cache", "controls.safetensors")
-        if self.accelerator.is_main_process and not _cache_matches(cache, key):
-            controls = read_controls(files, v, d.vae, channels, self.device)
-            tensors = {f"control.{i}": c for i, c in enumerate(controls)}
-            os.makedirs(os.path.dirname(cache), exist_ok=True)
-            save_file(tensors, cache + ".tmp", metadata={"key": key})
-            os.replace(cache + ".tmp", cache)
-        self.accelerator.wait_for_everyone()
-        with safe_open(cache, "pt") as f:
-            return [f.get_tensor(f"control.{i}") for i in range(len(files))], key
+        tensors = self._cached(cache, key, lambda: {f"control.{i}": c for i, c in enumerate(
+            read_controls(files, v, d.vae, channels, self.device))})
+        return [tensors[f"control.{i}"] for i in range(len(files))], key
 
     def _shard(self) -> None:
         """FSDP2 through accelerate: model and optimizers prepared together (accelerate maps the
@@ -232,7 +227,8 @@ class Trainer:
         prompts = list(TINY_PROMPTS) if not d.prompts else [p.strip() for p in open(d.prompts) if p.strip()]
         cache = os.path.join(self.output_dir, "cache", "prompt_embeds.safetensors")
         key = hashlib.sha256(json.dumps([prompts, d.negative_prompt, text_encoder]).encode()).hexdigest()
-        if self.accelerator.is_main_process and not _cache_matches(cache, key):
+
+        def encode() -> dict[str, torch.Tensor]:
             if text_encoder is None:
                 raise SettingsError("data.text_encoder (a local Wan diffusers folder) is needed to encode the prompts")
             tensors = {}
@@ -241,13 +237,21 @@ class Trainer:
                                                     torch.float32)
                 tensors[f"prompt.{i}"] = _trim(positive[0])
             tensors["negative"] = _trim(negative[0])
-            os.makedirs(os.path.dirname(cache), exist_ok=True)
-            save_file(tensors, cache + ".tmp", metadata={"key": key})
-            os.replace(cache + ".tmp", cache)
+            return tensors
+
+        tensors = self._cached(cache, key, encode)
+        return [tensors[f"prompt.{i}"] for i in range(len(prompts))], tensors["negative"]
+
+    def _cached(self, path: str, key: str, compute: Callable[[], dict[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
+        """Tensors the main process computes once into `path` (atomically, tagged with `key`, recomputed
+        when the key changes), then every process reads."""
+        if self.accelerator.is_main_process and not _cache_matches(path, key):
+            tensors = compute()
+            os.makedirs(os.path.dirname(path), exist_ok=True)
+            save_file(tensors, path + ".tmp", metadata={"key": key})
+            os.replace(path + ".tmp", path)
         self.accelerator.wait_for_everyone()
-        with safe_open(cache, "pt") as f:
-            embeds = [f.get_tensor(f"prompt.{i}") for i in range(len(prompts))]
-            return embeds, f.get_tensor("negative")
+        return load_file(path)
 
     def _teacher_pairs(self) -> list[str]:
         """Paths of the teacher trajectories, one file each in cache/ode/, computed where missing or
