@@ -9,11 +9,18 @@ import sys
 
 import pytest
 
+from cli_runner import Completed, completed
 from sftools.wan.config import TINY
 from sftools.wan.tiny import random_state_dict, write_checkpoint
 
 
-def sftools(*args: str) -> subprocess.CompletedProcess:
+def sftools(*args: str) -> Completed:
+    """`sftools ARGS...` run in this process: exit code, stdout and stderr as `subprocess.run` gives them."""
+    return completed(*args)
+
+
+def sftools_process(*args: str) -> subprocess.CompletedProcess:
+    """`python -m sftools ARGS...` in its own process: the real entry point, kept for one case of each kind."""
     return subprocess.run([sys.executable, "-m", "sftools", *args], capture_output=True, text=True, timeout=300)
 
 
@@ -53,7 +60,7 @@ def test_scan_and_inspect_print_one_json_object(sf_pt):
     assert (info["kind"], info["layout"], info["tensors"]) == ("wan2.1 t2v", "original", 69)
 
 
-@pytest.mark.parametrize("args,message", [
+USER_MISTAKES = [
     (["convert", "{dir}/missing.pt", "{dir}/o.safetensors"], "no such file"),
     (["convert", "{pt}", "{dir}/o.safetensors", "--select", "critic_ema"], "no sub-dict 'critic_ema'"),
     (["convert", "{pt}", "{dir}/o.safetensors", "--max-shard-size", "1GB"], "needs a folder"),
@@ -62,15 +69,19 @@ def test_scan_and_inspect_print_one_json_object(sf_pt):
     (["lora", "extract", "{pt}", "{pt}", "-o", "{dir}"], "is a folder"),
     (["lora", "merge", "{pt}", "{dir}/missing.safetensors", "-o", "{dir}/o.safetensors"], "no such file"),
     (["lora", "resize", "{dir}/missing.safetensors", "-o", "{dir}/o.safetensors", "--rank", "2"], "no such file"),
-])
+]
+
+
+@pytest.mark.parametrize("args,message", USER_MISTAKES)
 def test_user_mistakes_get_one_line_and_exit_1(sf_pt, tmp_path, args, message):
-    r = sftools(*[a.format(dir=tmp_path, pt=sf_pt, ptdir=os.path.dirname(sf_pt)) for a in args])
+    run = sftools_process if args == USER_MISTAKES[0][0] else sftools  # the first through `python -m sftools`
+    r = run(*[a.format(dir=tmp_path, pt=sf_pt, ptdir=os.path.dirname(sf_pt)) for a in args])
     assert r.returncode == 1
     assert r.stderr.count("\n") == 1 and r.stderr.startswith("sftools: error:") and message in r.stderr
     assert "Traceback" not in r.stderr and not (tmp_path / "o.safetensors").exists()
 
 
-@pytest.mark.parametrize("args", [
+USAGE_ERRORS = [
     ["convert", "{pt}", "{dir}/o.safetensors", "--dtype", "int4"],
     ["convert", "{pt}", "{dir}/o", "--max-shard-size", "bogus"],
     ["convert", "{pt}", "{dir}/o", "--max-shard-size", "0"],
@@ -81,9 +92,13 @@ def test_user_mistakes_get_one_line_and_exit_1(sf_pt, tmp_path, args, message):
     ["lora", "extract", "{pt}", "{pt}", "-o", "{dir}/o.safetensors", "--report", "{dir}/o.safetensors"],
     ["lora", "extract", "{pt}", "{pt}", "-o", "{dir}/o.safetensors", "--report", "{pt}"],
     ["lora", "resize", "{pt}", "-o", "{dir}/o.safetensors"],
-])
+]
+
+
+@pytest.mark.parametrize("args", USAGE_ERRORS)
 def test_usage_errors_exit_2_before_any_work(sf_pt, tmp_path, args):
-    r = sftools(*[a.format(dir=tmp_path, pt=sf_pt) for a in args])
+    run = sftools_process if args == USAGE_ERRORS[0] else sftools  # the first through `python -m sftools`
+    r = run(*[a.format(dir=tmp_path, pt=sf_pt) for a in args])
     assert r.returncode == 2 and "Traceback" not in r.stderr and "Error" in r.stderr
     assert not (tmp_path / "o.safetensors").exists()
 

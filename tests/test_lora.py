@@ -4,8 +4,6 @@ and against diffusers' own Wan LoRA loader."""
 from __future__ import annotations
 
 import json
-import subprocess
-import sys
 
 import pytest
 import torch
@@ -13,6 +11,7 @@ from diffusers import FlowMatchEulerDiscreteScheduler, WanPipeline, WanTransform
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
+from cli_runner import completed
 from sftools.errors import SettingsError, SftoolsError
 from sftools.io.sources import open_checkpoint
 from sftools.lora.extract import extract
@@ -366,8 +365,7 @@ def test_cli_extracts_with_a_report_and_refuses_bad_input_in_one_line(tmp_path):
     base, tuned = planted()
     b, t = write_pair(tmp_path, base, tuned, tuned_layout="self-forcing")
     out, report = tmp_path / "l.safetensors", tmp_path / "r.json"
-    r = subprocess.run([sys.executable, "-m", "sftools", "lora", "extract", b, t, "-o", str(out), "--rank", "4",
-                        "--report", str(report)], capture_output=True, text=True)
+    r = completed("lora", "extract", b, t, "-o", str(out), "--rank", "4", "--report", str(report))
     assert r.returncode == 0, r.stderr
     assert "26 LoRA modules (rank 4), 42 full diffs, 1 unchanged" in r.stdout
     data = json.loads(report.read_text())
@@ -376,8 +374,7 @@ def test_cli_extracts_with_a_report_and_refuses_bad_input_in_one_line(tmp_path):
         meta, keys = f.metadata(), list(f.keys())
     assert meta["sftools.lora.rank"] == "4" and meta["sftools.lora.tuned_fingerprint"] == data["tuned_fingerprint"]
     assert all(k.startswith("diffusion_model.") for k in keys) and not any(k.endswith(".alpha") for k in keys)
-    bad = subprocess.run([sys.executable, "-m", "sftools", "lora", "extract", b, b, "-o", str(tmp_path / "x.safetensors")],
-                         capture_output=True, text=True)
+    bad = completed("lora", "extract", b, b, "-o", str(tmp_path / "x.safetensors"))
     assert bad.returncode == 1 and bad.stderr.count("\n") == 1 and "nothing to extract" in bad.stderr
     assert not (tmp_path / "x.safetensors").exists()
 

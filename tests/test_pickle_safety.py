@@ -44,6 +44,7 @@ import pytest
 import torch
 
 import sftools.io.pickle_vm as pickle_vm
+from cli_runner import completed
 from sftools.convert import convert_model as convert
 from sftools.errors import SftoolsError
 from sftools.io.torch_pickle import scan_pickle
@@ -592,7 +593,7 @@ def test_normal_checkpoint_is_refused_over_a_lowered_bound(tmp_path, monkeypatch
 
 @pytest.fixture(scope="module")
 def cli(tmp_path_factory):
-    """One hostile checkpoint, and scan / scan --json / convert on it, run in parallel (each ~3-9 s)."""
+    """One hostile checkpoint, and scan / scan --json / convert on it, run in this process from its folder."""
     folder = tmp_path_factory.mktemp("cli")
     sentinel = folder / "SENTINEL"
     path = folder / "model.pt"
@@ -603,10 +604,8 @@ def cli(tmp_path_factory):
         "json": ["scan", "--json", str(path)],
         "convert": ["convert", str(path), str(folder / "out.safetensors")],
     }
-    procs = {k: subprocess.Popen([sys.executable, "-m", "sftools", *args], cwd=folder, text=True,
-                                 stdout=subprocess.PIPE, stderr=subprocess.PIPE)
-             for k, args in commands.items()}
-    results = {k: (p.wait(timeout=120), *p.communicate()) for k, p in procs.items()}
+    runs = {k: completed(*args, cwd=str(folder)) for k, args in commands.items()}
+    results = {k: (r.returncode, r.stdout, r.stderr) for k, r in runs.items()}
     return {"results": results, "sentinel": sentinel, "folder": folder, "before": before}
 
 

@@ -5,14 +5,13 @@ from __future__ import annotations
 
 import json
 import math
-import subprocess
-import sys
 
 import pytest
 import torch
 from diffusers import AutoencoderKLWan, FlowMatchEulerDiscreteScheduler, WanPipeline, WanTransformer3DModel
 from safetensors.torch import load_file
 
+from cli_runner import Completed, completed
 from sftools.convert import convert_model as convert
 from sftools.errors import SftoolsError
 from sftools.inspection import inspect_file
@@ -45,8 +44,9 @@ def bits_equal(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> None:
         assert a[k].dtype == b[k].dtype and torch.equal(a[k].view(torch.uint8), b[k].view(torch.uint8)), k
 
 
-def run(*args: str) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "sftools", *args], capture_output=True, text=True)
+def run(*args: str) -> Completed:
+    """`sftools ARGS...` run in this process: exit code, stdout and stderr as `subprocess.run` gives them."""
+    return completed(*args)
 
 
 @pytest.mark.parametrize("preset,title,tensors,params", [
