@@ -4,6 +4,7 @@ recompute, control scale 0 against the base model, the one-block path against di
 
 from __future__ import annotations
 
+import json
 import os
 from dataclasses import replace
 
@@ -366,7 +367,35 @@ def test_control_options_without_a_control_are_a_usage_error(files, capsys, tmp_
     assert code == 2 and "--control-scale go with --control" in err and not os.listdir(tmp_path), err
 
 
-def test_verify_refuses_a_vace_model_it_cannot_control(files, capsys):
-    code, _, err = run(capsys, "verify", files["vace"], files["vace"], "--prompt-embeds", files["embeds"],
-                       "--frames", "5", *SIZE)
-    assert code == 1 and err.count("\n") == 1 and "is a VACE model; verify compares models sampled without" in err
+def test_verify_compares_vace_models_under_one_control(files, capsys, tmp_path):
+    control = context(5, references=1)
+    save_file({"vace_context": control.latents}, str(tmp_path / "ctx.safetensors"), {"sftools.reference_frames": "1"})
+    changed = {k: v + 0.05 if k.startswith("vace_blocks.0.") and v.dim() == 2 else v
+               for k, v in load_file(files["module"]).items()}
+    save_file(changed, str(tmp_path / "changed.safetensors"))
+    common = ["--prompt-embeds", files["embeds"], "--frames", "17", *SIZE, "--control", str(tmp_path / "ctx.safetensors"),
+              "--control-scale", "0.7", "--json"]
+    code, text, err = run(capsys, "verify", files["vace"], files["base"], "--candidate-vace", files["module"], *common)
+    assert code == 0, err
+    assert json.loads(text)["psnr_db"] == [None] * 5  # the grafted file and base + --vace: the same samples
+    code, text, err = run(capsys, "verify", files["base"], files["vace"], "--reference-vace", str(tmp_path / "changed.safetensors"),
+                          *common, "--min-psnr", "60")
+    report = json.loads(text)
+    assert code == 1 and not report["passed"] and all(p is not None for p in report["psnr_db"]), err
+    assert err.count("\n") == 1 and "is below --min-psnr 60" in err
+
+
+@pytest.mark.parametrize("candidate,extra,message", [
+    ("vace", [], "is a VACE model; give --control"),
+    ("vace", ["--control", "{ctx}", "--candidate-vace", "{module}"], "already holds a VACE add-on"),
+    ("base", ["--control", "{ctx}", "--candidate-vace", "{base}"], "holds no VACE add-on"),
+    ("base", ["--control", "{ctx}"], "has no VACE add-on; graft one with --candidate-vace MODULE"),
+    ("vace", ["--control", "{short}"], "covers 1 latent frames; --frames 5 needs 2"),
+])
+def test_verify_refuses_models_it_cannot_steer_alike_in_one_line(files, capsys, tmp_path, candidate, extra, message):
+    save_file({"vace_context": torch.zeros(96, 2, 8, 8)}, str(tmp_path / "ctx.safetensors"))
+    save_file({"vace_context": torch.zeros(96, 1, 8, 8)}, str(tmp_path / "short.safetensors"))
+    fill = {**files, "ctx": str(tmp_path / "ctx.safetensors"), "short": str(tmp_path / "short.safetensors")}
+    code, text, err = run(capsys, "verify", files["vace"], files[candidate], "--prompt-embeds", files["embeds"],
+                          "--frames", "5", *SIZE, *[e.format(**fill) for e in extra])
+    assert code == 1 and err.count("\n") == 1 and message in err and text == "", err

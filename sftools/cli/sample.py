@@ -74,11 +74,13 @@ def lora_args(values) -> list[tuple[str, float]]:
     return [parse_lora_arg(v) for v in values]
 
 
-def vace_options(command):
-    """The VACE add-on and its control (sample only)."""
+VACE_OPTION = click.option("--vace", "vace_module", metavar="MODULE", help="A VACE add-on module (vace_* keys) "
+                           "grafted onto MODEL in memory.")
+
+
+def control_options(command):
+    """The VACE control (sample, and verify for both models)."""
     options = [
-        click.option("--vace", "vace_module", metavar="MODULE", help="A VACE add-on module (vace_* keys) grafted onto "
-                     "MODEL in memory."),
         click.option("--control", metavar="CTRL.mp4|CTRL.safetensors", help="VACE control video (encoded with --vae; "
                      "at least --frames frames of --width x --height), or a precomputed vace_context [96, F, h, w]."),
         click.option("--control-mask", metavar="MASK.mp4", help="Mask video for --control: white is generated, black "
@@ -109,7 +111,8 @@ def control_source(kw: dict):
 @click.command("sample", short_help="Generate with the causal KV-cache sampler.")
 @click.argument("model")
 @click.option("--lora", "loras", multiple=True, metavar="LORA[:STRENGTH]", help="Merge a LoRA at load (repeatable; strength 1.0).")
-@vace_options
+@VACE_OPTION
+@control_options
 @sampling_options
 @click.option("-o", "--output", required=True, metavar="OUT.safetensors|OUT.mp4",
               help="latents [1,16,T,H/8,W/8] as safetensors, or an mp4 decoded block by block (needs --vae).")

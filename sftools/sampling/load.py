@@ -73,7 +73,7 @@ def graft_vace(base_path: str, base: Checkpoint, config: WanConfig, module_path:
     """The base and the add-on module merged by name, in memory, and the config of the union, with
     the checks `sftools vace graft` makes before it writes the same union to a file."""
     if config.model_type == "vace":
-        raise SftoolsError(f"{base_path}: already holds a VACE add-on; sample it without --vace")
+        raise SftoolsError(f"{base_path}: already holds a VACE add-on; give it no add-on module ({module_path})")
     addon = read_addon(module_path)
     own, grafted = fit(base_path, base, addon, module_path)
     metadata = {**base.metadata, "sftools.config": grafted.to_json()}

@@ -112,15 +112,16 @@ def check_embeddings(plan: ModelPlan, settings: SampleSettings, context: torch.T
         raise SettingsError("--cfg other than 1 needs --negative-prompt or negative_prompt_embeds")
 
 
-def check_vace(model_path: str, plan: ModelPlan, control: ControlSource | None) -> None:
-    """A VACE model samples with a control and only a VACE model takes one."""
+def check_vace(model_path: str, plan: ModelPlan, control: ControlSource | None, graft_option: str = "--vace") -> None:
+    """A VACE model samples with a control and only a VACE model takes one (`graft_option`: the
+    option that grafts an add-on onto this model, for the message)."""
     vace = plan.config.model_type == "vace"
     if vace and control is None:
         raise SftoolsError(f"{model_path}: is a VACE model; give --control CTRL.mp4 (with --vae) or a precomputed "
                            "vace_context .safetensors")
     if control is not None and not vace:
         raise SftoolsError(f"--control {control.control}: {model_path} has no VACE add-on; "
-                           "graft one with --vace MODULE")
+                           f"graft one with {graft_option} MODULE")
 
 
 def sample_to_file(model_path: str, output: str, settings: SampleSettings, prompt: PromptSource,

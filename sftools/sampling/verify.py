@@ -3,7 +3,8 @@
 Both are sampled with the same settings, prompt embeddings and draws; then frame by frame the PSNR
 and the cosine similarity of the candidate against the reference. Without a VAE the latent frames
 are compared, with peak = the reference's largest |value| over the video; with one, the decoded
-pixel frames (a PSNR of 8-bit pixels with peak 255, computed on [-1, 1] with peak 2).
+pixel frames (a PSNR of 8-bit pixels with peak 255, computed on [-1, 1] with peak 2). VACE models
+are both steered by one control (for example a retrained add-on against the one it started from).
 """
 
 from __future__ import annotations
@@ -13,11 +14,11 @@ from dataclasses import dataclass, field
 
 import torch
 
-from sftools.errors import SftoolsError
 from sftools.io.formats import sniff
 from sftools.sampling.load import plan_model
-from sftools.sampling.run import PromptSource, Runtime, check_embeddings, generate, prompt_embeddings
+from sftools.sampling.run import PromptSource, Runtime, check_embeddings, check_vace, generate, prompt_embeddings
 from sftools.sampling.settings import SampleSettings
+from sftools.sampling.vace_context import ControlSource, build_context
 from sftools.sampling.video import StreamingDecoder
 
 DECODE_BLOCK = 3  # latent frames decoded at a time (12 pixel frames)
@@ -75,19 +76,25 @@ def compare_pixels(vae: str, reference: torch.Tensor, candidate: torch.Tensor, d
 
 def verify(reference: str, candidate: str, settings: SampleSettings, prompt: PromptSource,
            reference_loras=(), candidate_loras=(), select: str | None = None, noise_file: str | None = None,
-           vae: str | None = None, min_psnr: float | None = None, runtime: Runtime = Runtime()) -> VerifyReport:
-    plans = [plan_model(path, list(loras), _select_for(path, select))
-             for path, loras in ((reference, reference_loras), (candidate, candidate_loras))]
-    for path, plan in zip((reference, candidate), plans):
-        if plan.config.model_type == "vace":  # it would need a control; verify samples without one
-            raise SftoolsError(f"{path}: is a VACE model; verify compares models sampled without control "
-                               "(sample it with sftools sample --control)")
+           vae: str | None = None, min_psnr: float | None = None, runtime: Runtime = Runtime(), *,
+           control: ControlSource | None = None, reference_vace: str | None = None,
+           candidate_vace: str | None = None) -> VerifyReport:
+    """`control` steers both models, which must then both be VACE models (or be given an add-on
+    module, `reference_vace` / `candidate_vace`, grafted in memory as `sample --vace` does)."""
+    sides = ((reference, reference_loras, reference_vace), (candidate, candidate_loras, candidate_vace))
+    plans = [plan_model(path, list(loras), _select_for(path, select), vace) for path, loras, vace in sides]
+    for (path, _, _), plan, option in zip(sides, plans, ("--reference-vace", "--candidate-vace")):
+        check_vace(path, plan, control, option)
     device, dtype = runtime.resolve()
+    contexts = [None, None]
+    if control is not None:  # before the text encoder: a clip that does not fit costs no encoding
+        built = build_context(control, settings, vae, device)
+        contexts = [built.fitted(settings, plan.config.vace_in_dim) for plan in plans]
     context, negative = prompt_embeddings(prompt, device, dtype)
     for plan in plans:
         check_embeddings(plan, settings, context, negative)
-    runs = [generate(plan, settings, context, negative, noise_file=noise_file, device=device, dtype=dtype)
-            for plan in plans]
+    runs = [generate(plan, settings, context, negative, noise_file=noise_file, device=device, dtype=dtype,
+                     control=vace_context) for plan, vace_context in zip(plans, contexts)]
     if vae:
         psnr, cosine = compare_pixels(vae, *runs, device, dtype)
         compared = "pixels"
