@@ -9,14 +9,9 @@ import sys
 
 import pytest
 
-from cli_runner import Completed, completed
+from cli_runner import completed as sftools  # in this process: what subprocess.run gives
 from sftools.wan.config import TINY
 from sftools.wan.tiny import random_state_dict, write_checkpoint
-
-
-def sftools(*args: str) -> Completed:
-    """`sftools ARGS...` run in this process: exit code, stdout and stderr as `subprocess.run` gives them."""
-    return completed(*args)
 
 
 def sftools_process(*args: str) -> subprocess.CompletedProcess:

@@ -10,15 +10,9 @@ import sys
 import pytest
 from safetensors.torch import load_file
 
-from cli_runner import Completed, completed
+from cli_runner import completed as sftools  # in this process (in cwd= if given): what subprocess.run gives
 from sftools.wan.config import TINY
 from sftools.wan.tiny import perturbed, random_state_dict, write_checkpoint
-
-
-def sftools(*args: str, cwd: str | None = None) -> Completed:
-    """`sftools ARGS...` run in this process (in `cwd` if given): exit code, stdout and stderr as
-    `subprocess.run` gives them."""
-    return completed(*args, cwd=cwd)
 
 
 def digest(path) -> str:

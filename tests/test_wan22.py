@@ -11,7 +11,7 @@ import torch
 from diffusers import AutoencoderKLWan, FlowMatchEulerDiscreteScheduler, WanPipeline, WanTransformer3DModel
 from safetensors.torch import load_file
 
-from cli_runner import Completed, completed
+from cli_runner import completed as run  # in this process: what subprocess.run gives
 from sftools.convert import convert_model as convert
 from sftools.errors import SftoolsError
 from sftools.inspection import inspect_file
@@ -42,11 +42,6 @@ def bits_equal(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> None:
     assert set(a) == set(b)
     for k in a:
         assert a[k].dtype == b[k].dtype and torch.equal(a[k].view(torch.uint8), b[k].view(torch.uint8)), k
-
-
-def run(*args: str) -> Completed:
-    """`sftools ARGS...` run in this process: exit code, stdout and stderr as `subprocess.run` gives them."""
-    return completed(*args)
 
 
 @pytest.mark.parametrize("preset,title,tensors,params", [
