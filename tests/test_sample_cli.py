@@ -161,3 +161,14 @@ def test_a_lora_given_at_load_samples_like_the_model_it_was_merged_into(parts, c
     plain = tmp_path / "c.safetensors"
     assert run(capsys, "sample", parts["pipeline"], *common, "-o", str(plain))[0] == 0
     assert not torch.allclose(a, load_file(str(plain))["latents"], atol=1e-3)  # the LoRA did change the model
+
+
+def test_prompt_embeddings_longer_than_the_models_text_len_are_one_line_and_no_output(parts, capsys, tmp_path):
+    from dataclasses import replace
+
+    config = replace(TINY_128, text_len=6)
+    model = write_checkpoint(str(tmp_path / "short.safetensors"), random_state_dict(config, seed=0), "original", config)
+    code, _, err = run(capsys, "sample", model, "--prompt-embeds", parts["embeds"], "--frames", "9", *SIZE,
+                       "-o", str(tmp_path / "out.safetensors"))
+    assert code == 1 and "the prompt has 7 tokens; the model takes 6 (its text_len)" in err and err.count("\n") == 1, err
+    assert not (tmp_path / "out.safetensors").exists()

@@ -298,3 +298,26 @@ def test_the_masked_parallel_forward_recomputes_what_the_cache_computes(tiny):
                         x = (1 - schedule[i + 1].sigma) * x0 + schedule[i + 1].sigma * draws.renoise(i, start, frames)
                 done.append(x0)
         assert torch.allclose(cached, torch.cat(done, 2), atol=2e-5, rtol=0)
+
+
+def test_contexts_are_padded_to_the_models_text_len_and_longer_zero_padding_is_dropped():
+    prompt = embeds()
+    assert torch.equal(pad_context(prompt), torch.cat([prompt, torch.zeros(1, 505, 32)], 1))
+    short = pad_context(pad_context(prompt), 64)  # a 512-row encoding for a 64-row model
+    assert short.shape == (1, 64, 32) and torch.equal(short[:, :7], prompt) and not short[:, 7:].any()
+    with pytest.raises(ValueError, match="prompt embeddings have 7 tokens, more than the model's 6"):
+        pad_context(prompt, 6)
+
+
+def test_the_sampler_gives_the_model_its_text_len_rows(tmp_path):
+    config = replace(TINY, text_len=64)
+    path = write_checkpoint(str(tmp_path / "short.safetensors"), random_state_dict(config, seed=3), "original", config)
+    model, loaded = load_transformer(path)
+    assert loaded.text_len == 64  # carried in the file's sftools.config
+    rows = []
+    forward = model.forward
+    model.forward = lambda *a, **k: rows.append(k["encoder_hidden_states"].shape[1]) or forward(*a, **k)
+    sampler = CausalSampler(CausalWanModel(model), loaded, settings(6))
+    raw = sampler.sample(embeds(), SeededNoise(0, 16, 8, 8))
+    padded = sampler.sample(pad_context(embeds()), SeededNoise(0, 16, 8, 8))
+    assert set(rows) == {64} and torch.equal(raw, padded)

@@ -175,3 +175,19 @@ def test_gradient_accumulation_averages_more_rollouts_per_update(four_steps, cap
     assert all(torch.isfinite(v).all() for v in b.values()) and not all(torch.equal(a[k], b[k]) for k in a)
     code, _, err = run(capsys, "train", RECIPE, "--set", "run.grad_accum=0", "--output-dir", str(tmp_path / "x"))
     assert code == 2 and "run.grad_accum must be >= 1" in err
+
+
+def test_a_prompt_longer_than_the_models_text_len_is_refused_in_one_line_before_training(capsys, tmp_path):
+    from dataclasses import replace
+
+    from sftools.wan.config import TINY_128
+    from sftools.wan.tiny import random_state_dict, write_checkpoint
+    from sftools.wan.tiny_parts import write_tiny_text_encoder
+
+    config = replace(TINY_128, text_len=4)
+    base = write_checkpoint(str(tmp_path / "Wan-short"), random_state_dict(config, seed=0), "diffusers", config)
+    write_tiny_text_encoder(base, text_dim=config.text_dim)
+    got, _, err = run(capsys, "train", RECIPE, "--set", f"model.base={base}", "--set", f"data.text_encoder={base}",
+                      "--output-dir", str(tmp_path / "run"))
+    assert got == 2 and "the built-in prompts: prompt 1 has 21 tokens; the model takes 4 (its text_len)" in err, err
+    assert err.count("\n") == 1 and not (tmp_path / "run" / "final").exists()

@@ -114,3 +114,14 @@ def test_a_generator_adapter_loaded_from_a_lora_equals_the_lora_merged_at_load(t
         plain = base(hidden_states=x, timestep=t, encoder_hidden_states=ctx, return_dict=False)[0]
     assert torch.allclose(adapted, expected, atol=1e-5)
     assert torch.equal(teacher, plain)  # adapters disabled: the teacher is the base itself
+
+
+def test_the_rollout_pads_the_prompt_to_the_models_text_len(tmp_path):
+    transformer, _ = tiny_model(tmp_path)
+    rows = []
+    forward = transformer.forward
+    transformer.forward = lambda *a, **k: rows.append(k["encoder_hidden_states"].shape[1]) or forward(*a, **k)
+    with torch.no_grad(), using(transformer, GENERATOR):
+        rollout(CausalWanModel(transformer), torch.randn(1, 5, 32), few_step_schedule(4, 5.0), (1, 16, 3, 4, 4), 3,
+                exit_at=1, generator=torch.Generator().manual_seed(0), shift=5.0, text_len=64)
+    assert rows == [64, 64, 64]  # two steps and the refresh

@@ -50,12 +50,22 @@ class BlockDone:
     seconds: float
 
 
-def pad_context(embeds: torch.Tensor) -> torch.Tensor:
-    """Zero rows up to 512, as umT5 pipelines pass them (the padded rows still matter: text_embedding
-    of zero is its bias, and cross-attention has no mask)."""
-    if embeds.shape[1] > TEXT_LEN:
-        raise ValueError(f"prompt embeddings have {embeds.shape[1]} rows, more than {TEXT_LEN}")
-    return torch.nn.functional.pad(embeds, (0, 0, 0, TEXT_LEN - embeds.shape[1]))
+def pad_context(embeds: torch.Tensor, rows: int = TEXT_LEN) -> torch.Tensor:
+    """Zero rows up to the model's `text_len` (512 for every Wan model), as umT5 pipelines pass them
+    (the padded rows still matter: text_embedding of zero is its bias, and cross-attention has no
+    mask). Zero rows past `rows` are padding from a longer encoding and are dropped: umT5 masks its
+    padding, so the tokens before it encode the same at any length."""
+    if embeds.shape[1] > rows:
+        if embeds[:, rows:].any():
+            raise ValueError(f"prompt embeddings have {prompt_tokens(embeds)} tokens, more than the model's {rows}")
+        embeds = embeds[:, :rows]
+    return torch.nn.functional.pad(embeds, (0, 0, 0, rows - embeds.shape[1]))
+
+
+def prompt_tokens(embeds: torch.Tensor) -> int:
+    """Rows of [B, rows, dim] embeddings up to the last that is not zero padding."""
+    nonzero = embeds.abs().sum(dim=(0, 2)).nonzero()
+    return int(nonzero[-1]) + 1 if nonzero.numel() else 0
 
 
 def cache_spec(settings: SampleSettings, references: int = 0) -> CacheSpec:
@@ -118,8 +128,9 @@ class CausalSampler:
         # The patch embedding has the model's dtype (norms and modulation tables stay fp32).
         weight = self.model.transformer.patch_embedding.weight
         device, dtype = weight.device, weight.dtype
-        context = pad_context(context).to(device, dtype)
-        negative = pad_context(negative).to(device, dtype) if negative is not None and s.cfg != 1 else None
+        rows = self.config.text_len
+        context = pad_context(context, rows).to(device, dtype)
+        negative = pad_context(negative, rows).to(device, dtype) if negative is not None and s.cfg != 1 else None
         if s.cfg != 1 and negative is None:
             raise ValueError("cfg != 1 needs negative prompt embeddings")
         references = control.reference_frames if control is not None else 0

@@ -17,7 +17,7 @@ from sftools.errors import SettingsError, SftoolsError
 from sftools.io.dtypes import torch_dtype
 from sftools.io.output import check_destination, refuse_overwrite
 from sftools.models.causal_wan import CausalWanModel
-from sftools.sampling.causal import BlockDone, CausalSampler
+from sftools.sampling.causal import BlockDone, CausalSampler, prompt_tokens
 from sftools.sampling.load import ModelPlan, default_dtype, load_transformer, plan_model
 from sftools.sampling.noise import FileNoise, SeededNoise
 from sftools.sampling.settings import SampleSettings
@@ -108,6 +108,9 @@ def check_embeddings(plan: ModelPlan, settings: SampleSettings, context: torch.T
                      negative: torch.Tensor | None) -> None:
     if context.shape[-1] != plan.config.text_dim:
         raise SftoolsError(f"prompt embeddings are {context.shape[-1]} wide; the model takes {plan.config.text_dim}")
+    tokens = max(prompt_tokens(e) for e in (context, negative) if e is not None)
+    if tokens > plan.config.text_len:
+        raise SftoolsError(f"the prompt has {tokens} tokens; the model takes {plan.config.text_len} (its text_len)")
     if settings.cfg != 1 and negative is None:
         raise SettingsError("--cfg other than 1 needs --negative-prompt or negative_prompt_embeds")
 

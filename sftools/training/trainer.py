@@ -240,7 +240,16 @@ class Trainer:
             return tensors
 
         tensors = self._cached(cache, key, encode)
-        return [tensors[f"prompt.{i}"] for i in range(len(prompts))], tensors["negative"]
+        embeds = [tensors[f"prompt.{i}"] for i in range(len(prompts))]
+        rows = self.config.text_len
+        for i, tokens in enumerate(len(e) for e in embeds):
+            if tokens > rows:
+                raise SettingsError(f"{d.prompts or 'the built-in prompts'}: prompt {i + 1} has {tokens} tokens; "
+                                    f"the model takes {rows} (its text_len)")
+        if len(tensors["negative"]) > rows:
+            raise SettingsError(f"data.negative_prompt has {len(tensors['negative'])} tokens; the model takes {rows} "
+                                "(its text_len)")
+        return embeds, tensors["negative"]
 
     def _cached(self, path: str, key: str, compute: Callable[[], dict[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
         """Tensors the main process computes once into `path` (atomically, tagged with `key`, recomputed
@@ -343,12 +352,14 @@ class Trainer:
         exit_at = exit_step(v.steps, seed + (what == "critic"), iteration)
         with self.nets.playing(GENERATOR) as generator_model, self.accelerator.autocast():
             return rollout(generator_model, example.raw, self.schedule, self.shape, v.frames_per_block, exit_at,
-                           generator, v.shift, truth=example.truth, control=example.control)
+                           generator, v.shift, truth=example.truth, control=example.control,
+                           text_len=self.config.text_len)
 
     def _prompt(self, index: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """(raw, padded) embeddings of prompt `index` and the padded negative."""
         raw = self.embeds[index % len(self.embeds)][None]
-        return raw, pad_context(raw).to(self.device), pad_context(self.negative[None]).to(self.device)
+        rows = self.config.text_len
+        return raw, pad_context(raw, rows).to(self.device), pad_context(self.negative[None], rows).to(self.device)
 
     def _draw(self, it: int, micro: int) -> int:
         """Which prompt (or teacher pair) micro-batch `micro` of iteration `it` takes on this process:

@@ -32,6 +32,9 @@ class WanConfig:
     vace_layers: tuple[int, ...] = field(default=())
     vace_in_dim: int = 96
     wan_version: str = "2.1"  # "2.2": no CLIP branch for i2v (shapes differ); t2v shapes are alike
+    # umT5 rows the model attends over, padding included: the original `WanModel(text_len=512)`. Every
+    # Wan model has 512; it shapes no tensor, only what the sampler and trainer pad a prompt to.
+    text_len: int = 512
 
     @property
     def head_dim(self) -> int:
@@ -198,7 +201,7 @@ def wan_config(c: WanConfig) -> dict:
     config = {
         "_class_name": "WanModel", "model_type": c.model_type, "dim": c.dim, "ffn_dim": c.ffn_dim,
         "freq_dim": c.freq_dim, "in_dim": c.in_dim, "out_dim": c.out_dim, "num_heads": c.num_heads,
-        "num_layers": c.num_layers, "text_len": 512, "eps": 1e-6,
+        "num_layers": c.num_layers, "text_len": c.text_len, "eps": 1e-6,
     }
     if c.text_dim != 4096:
         config["text_dim"] = c.text_dim
