@@ -76,6 +76,21 @@ def test_the_final_model_is_the_generators_ema_in_original_names(four_steps):
     assert not os.path.exists(folder / "final" / "lora.safetensors")
 
 
+def test_the_final_model_keeps_its_bases_config_what_its_shapes_do_not_say(tmp_path):
+    from dataclasses import replace
+
+    from sftools.sampling.load import plan_model
+    from sftools.wan.config import TINY_128
+    from sftools.wan.tiny import random_state_dict, write_checkpoint
+    from sftools.wan.tiny_parts import write_tiny_text_encoder
+
+    config = replace(TINY_128, text_len=64)
+    base = write_checkpoint(str(tmp_path / "Wan-short"), random_state_dict(config, seed=0), "diffusers", config)
+    write_tiny_text_encoder(base, text_dim=config.text_dim)
+    report = trainer(tmp_path / "run", "run.steps=1", f"model.base={base}", f"data.text_encoder={base}").train()
+    assert plan_model(report["outputs"]["model"]).config == config
+
+
 def test_resuming_a_full_run_continues_it_bit_for_bit(four_steps, tmp_path):
     folder, _, _, report = four_steps
     half = tmp_path / "resumed"

@@ -518,9 +518,9 @@ class Trainer:
             path = os.path.join(final, "vace_module.safetensors")
             write_module(path, weights, self.config, meta)
             return {"vace_module": path}
-        if self.nets.kind == "full":
+        if self.nets.kind == "full":  # with its base's config, which its shapes do not say all of (text_len)
             path = os.path.join(final, "model.safetensors")
-            save_file(weights, path + ".tmp", metadata=meta)
+            save_file(weights, path + ".tmp", metadata={**meta, "sftools.config": self.config.to_json()})
             os.replace(path + ".tmp", path)
             return {"model": path}
         out = {form: os.path.join(final, name) for form, name in (("comfyui", "lora.safetensors"),
