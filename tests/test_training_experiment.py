@@ -1,26 +1,34 @@
-"""The experiment of docs/self_forcing_experiment.md, small (sftools.training.experiment.QUICK): the
-causal few-step students' samples move toward the known teacher's law."""
+"""The experiment of docs/self_forcing_experiment.md at the size of one seed's row there (sixty-four
+evaluation videos of eight blocks): the causal few-step students move toward the known teacher's
+law, and the Self Forcing student accumulates less error than the teacher-forcing one over blocks
+beyond the length both were trained on."""
 
 from __future__ import annotations
 
 import pytest
 
-from sftools.training.experiment import QUICK, run_experiment
+from sftools.training.experiment import ExperimentSettings, run_experiment
+
+SETTINGS = ExperimentSettings()  # seed 0
 
 
 @pytest.fixture(scope="module")
 def result(tmp_path_factory):
-    return run_experiment(QUICK, str(tmp_path_factory.mktemp("experiment")))
+    return run_experiment(SETTINGS, str(tmp_path_factory.mktemp("experiment")))
 
 
 def within(result, student: str) -> float:
-    n = result.settings.trained_blocks
-    return sum(result.distances[student][:n]) / n
+    return sum(result.distances[student][:SETTINGS.trained_blocks]) / SETTINGS.trained_blocks
+
+
+def beyond(result, student: str) -> float:
+    distances = result.distances[student][SETTINGS.trained_blocks:]
+    return sum(distances) / len(distances)
 
 
 def test_every_student_and_the_floor_are_scored_on_every_block(result):
     assert set(result.distances) == {"base", "ode_init", "teacher_forcing", "self_forcing", "teacher samples"}
-    assert all(len(d) == QUICK.eval_blocks for d in result.distances.values())
+    assert all(len(d) == SETTINGS.eval_blocks for d in result.distances.values())
     # exact draws of the law are the floor no student goes below by much
     assert max(result.distances["teacher samples"]) < min(min(d) for k, d in result.distances.items()
                                                           if k != "teacher samples") + 0.5
@@ -30,5 +38,12 @@ def test_ode_regression_moves_the_causal_student_toward_the_teachers_law(result)
     assert within(result, "ode_init") < 0.9 * within(result, "base")
 
 
-def test_self_forcing_keeps_the_student_closer_to_the_law_than_the_untrained_base(result):
-    assert within(result, "self_forcing") < within(result, "base")
+def test_self_forcing_moves_the_student_closer_to_the_law_than_its_ode_init_within_the_trained_length(result):
+    assert within(result, "self_forcing") < within(result, "ode_init")
+
+
+def test_self_forcing_accumulates_less_error_than_teacher_forcing_beyond_the_trained_length(result):
+    # Seed 0: 3.80 against 5.94 on two threads, 4.13 against 6.74 on one (training is chaotic, so float
+    # order matters). docs/self_forcing_experiment.md gives every seed's figures: one in four ties.
+    assert beyond(result, "self_forcing") < 0.85 * beyond(result, "teacher_forcing")
+    assert result.drift("self_forcing") < result.drift("teacher_forcing")
