@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import math
 
 import pytest
@@ -9,7 +10,7 @@ import torch
 from safetensors.torch import save_file
 
 from sftools.inspection import inspect_file as inspect_path
-from sftools.wan.config import PRESETS, model_shapes, vace_shapes
+from sftools.wan.config import PRESETS, TINY, model_shapes, vace_shapes
 from sftools.wan.detect import describe_weights as describe
 from sftools.wan.keys import original_to_diffusers
 from sftools.wan.tiny import random_state_dict, write_checkpoint
@@ -63,3 +64,16 @@ def test_lora_files_report_form_rank_and_targets(tmp_path):
     info = inspect_path(str(tmp_path / "l.safetensors"))
     assert (info["kind"], info["form"], info["rank"], info["lora_modules"], info["full_diffs"]) == ("lora", "comfyui", 4, 1, 2)
     assert info["targets"] == ["blocks.N.modulation", "blocks.N.self_attn.q"]
+
+
+@pytest.mark.parametrize("text_len", ['"64"', "0", "null"])
+def test_a_stored_config_with_a_bad_text_len_is_ignored_for_the_shapes(tmp_path, text_len):
+    from sftools.io.sources import open_checkpoint
+    from sftools.wan.source import stored_config
+
+    path = str(tmp_path / "m.safetensors")
+    config = json.loads(TINY.to_json())
+    save_file(random_state_dict(TINY), path, metadata={"sftools.config": json.dumps(config).replace(
+        '"text_len": 512', f'"text_len": {text_len}')})
+    assert stored_config(open_checkpoint(path)) is None
+    assert inspect_path(path)["kind"] == "wan2.1 t2v"

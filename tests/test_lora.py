@@ -477,3 +477,17 @@ def test_a_tensor_holding_nan_is_named_not_decomposed(tmp_path):
     b, t = write_pair(tmp_path, base, tuned)
     with pytest.raises(SftoolsError, match=r"blocks.1.ffn.2.weight: the difference holds NaN or inf"):
         extract(b, t, ExtractSettings(rank=RankRule(rank=4)))
+
+
+def test_a_merged_model_keeps_its_bases_stored_config(tmp_path):
+    from dataclasses import replace
+
+    from sftools.wan.source import stored_config
+
+    config = replace(TINY, text_len=64)  # neither the head count nor text_len is in the shapes
+    base, tuned = planted(config=config)
+    b, t = write_pair(tmp_path, base, tuned, config=config)
+    lora, _ = extract(b, t, ExtractSettings(rank=RankRule(rank=3), dtype="fp32"))
+    write_lora(str(tmp_path / "l.safetensors"), lora, "comfyui", torch.float32, {})
+    merge(b, [(str(tmp_path / "l.safetensors"), 1.0)], str(tmp_path / "merged.safetensors"))
+    assert stored_config(open_checkpoint(str(tmp_path / "merged.safetensors"))) == config

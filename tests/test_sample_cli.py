@@ -170,5 +170,6 @@ def test_prompt_embeddings_longer_than_the_models_text_len_are_one_line_and_no_o
     model = write_checkpoint(str(tmp_path / "short.safetensors"), random_state_dict(config, seed=0), "original", config)
     code, _, err = run(capsys, "sample", model, "--prompt-embeds", parts["embeds"], "--frames", "9", *SIZE,
                        "-o", str(tmp_path / "out.safetensors"))
-    assert code == 1 and "the prompt has 7 tokens; the model takes 6 (its text_len)" in err and err.count("\n") == 1, err
+    message = f"{parts['embeds']}: prompt_embeds has 7 tokens; {model} takes 6 (its text_len)"
+    assert code == 1 and message in err and err.count("\n") == 1, err
     assert not (tmp_path / "out.safetensors").exists()

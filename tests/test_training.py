@@ -189,5 +189,20 @@ def test_a_prompt_longer_than_the_models_text_len_is_refused_in_one_line_before_
     write_tiny_text_encoder(base, text_dim=config.text_dim)
     got, _, err = run(capsys, "train", RECIPE, "--set", f"model.base={base}", "--set", f"data.text_encoder={base}",
                       "--output-dir", str(tmp_path / "run"))
-    assert got == 2 and "the built-in prompts: prompt 1 has 21 tokens; the model takes 4 (its text_len)" in err, err
+    message = "the built-in prompts: 'a red ball rolls on grass' has 21 tokens; the model takes 4 (its text_len)"
+    assert got == 2 and message in err, err
     assert err.count("\n") == 1 and not (tmp_path / "run" / "final").exists()
+
+
+def test_a_separate_teacher_that_attends_over_other_context_rows_is_refused_in_one_line(capsys, tmp_path):
+    from dataclasses import replace
+
+    from sftools.wan.config import TINY_128
+    from sftools.wan.tiny import random_state_dict, write_checkpoint
+
+    config = replace(TINY_128, text_len=64)
+    teacher = write_checkpoint(str(tmp_path / "teacher.safetensors"), random_state_dict(config, seed=1), "original", config)
+    got, _, err = run(capsys, "train", RECIPE, "--set", f"model.teacher={teacher}", "--output-dir", str(tmp_path / "run"))
+    message = f"model.teacher {teacher}: attends over 64 context rows (its text_len); the base over 512"
+    assert got == 2 and message in err and err.count("\n") == 1, err
+    assert not (tmp_path / "run" / "final").exists()

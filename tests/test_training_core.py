@@ -41,7 +41,7 @@ def test_gradients_reach_only_the_generator_adapter_and_only_through_each_blocks
     context = torch.randn(1, 5, TINY_128.text_dim)
     with using(transformer, GENERATOR):
         video = rollout(model, context, few_step_schedule(4, 5.0), (1, 16, 9, 4, 4), 3, exit_at=2,
-                        generator=torch.Generator().manual_seed(0), shift=5.0)
+                        generator=torch.Generator().manual_seed(0), shift=5.0, text_len=512)
         video.square().mean().backward()
     # 3 blocks x (3 steps up to the exit + 1 refresh); exactly one call per block under autograd.
     assert len(grad_calls) == 12 and sum(grad_calls) == 3
@@ -59,7 +59,7 @@ def test_the_stored_cache_holds_no_gradient_and_later_blocks_still_train(tmp_pat
     model = CausalWanModel(transformer)
     with using(transformer, GENERATOR):
         video = rollout(model, torch.randn(1, 5, 32), few_step_schedule(4, 5.0), (1, 16, 6, 4, 4), 3, exit_at=0,
-                        generator=torch.Generator().manual_seed(1), shift=5.0)
+                        generator=torch.Generator().manual_seed(1), shift=5.0, text_len=512)
         second_block = torch.autograd.grad(video[:, :, 3:].sum(), adapter_parameters(transformer, GENERATOR))
     assert any(g.abs().sum() > 0 for g in second_block)
     assert model.state.self_kv["cond"][0].k.requires_grad is False

@@ -116,7 +116,7 @@ def test_teacher_forcing_with_the_generators_own_video_is_self_forcing_and_with_
 
     def go(truth=None):
         with torch.no_grad(), using(transformer, GENERATOR):
-            return rollout(*args, generator=torch.Generator().manual_seed(0), shift=5.0, truth=truth)
+            return rollout(*args, generator=torch.Generator().manual_seed(0), shift=5.0, text_len=512, truth=truth)
 
     own = go()
     assert torch.equal(go(truth=own), own)

@@ -347,3 +347,16 @@ def test_help_and_usage_errors_answer_without_importing_torch():
     for args in (["vace", "--help"], ["vace", "graft", "--help"], ["vace", "extract", "x"]):
         r = subprocess.run([sys.executable, "-c", HELP_PROBE, *args], capture_output=True, text=True, timeout=60)
         assert r.stdout.strip().endswith("NO-TORCH"), r.stdout + r.stderr
+
+
+def test_a_graft_keeps_the_bases_text_len(tmp_path, capsys, vace_state):
+    from sftools.io.sources import open_checkpoint
+    from sftools.wan.source import stored_config
+
+    vace = write_checkpoint(str(tmp_path / "vace.safetensors"), vace_state, "original", TINY_VACE)
+    base = write_checkpoint(str(tmp_path / "base.safetensors"), base_part(vace_state), "original",
+                            replace(TINY_T2V, text_len=64))
+    module, grafted = str(tmp_path / "m.safetensors"), str(tmp_path / "g.safetensors")
+    assert run(capsys, "vace", "extract", vace, "-o", module)[0] == 0
+    assert run(capsys, "vace", "graft", base, module, "-o", grafted)[0] == 0
+    assert stored_config(open_checkpoint(grafted)) == replace(TINY_VACE, text_len=64)

@@ -81,7 +81,10 @@ def merge(base_path: str, loras: list[tuple[str, float]], out: str, dtype: str =
     for path, _, lora in loaded:
         check_fits(path, lora, shapes, base_path)
     tensors = merged_tensors(base, [(lora, s) for _, s, lora in loaded], torch_dtype(dtype))
-    metadata = {"format": "pt", "sftools.version": __version__, "sftools.source": os.path.basename(os.path.normpath(base_path)),
+    # The base's config (head count, text_len) survives: a LoRA changes no fact its shapes do not say.
+    kept = {k: v for k, v in base.metadata.items() if k == "sftools.config"}
+    metadata = {**kept, "format": "pt", "sftools.version": __version__,
+                "sftools.source": os.path.basename(os.path.normpath(base_path)),
                 "sftools.merged": ", ".join(f"{os.path.basename(p)}:{s}" for p, s, _ in loaded)}
     write_file(out, tensors, metadata, desc="merging")
     patched = sum(1 for name in base.tensors if any(name in lo.params for _, _, lo in loaded))

@@ -104,13 +104,18 @@ def check_output(output: str, inputs: list[str], vae: str | None) -> str:
     return "mp4" if kind == ".mp4" else "latents"
 
 
-def check_embeddings(plan: ModelPlan, settings: SampleSettings, context: torch.Tensor,
-                     negative: torch.Tensor | None) -> None:
+def check_embeddings(model_path: str, plan: ModelPlan, settings: SampleSettings, prompt: PromptSource,
+                     context: torch.Tensor, negative: torch.Tensor | None) -> None:
     if context.shape[-1] != plan.config.text_dim:
         raise SftoolsError(f"prompt embeddings are {context.shape[-1]} wide; the model takes {plan.config.text_dim}")
-    tokens = max(prompt_tokens(e) for e in (context, negative) if e is not None)
-    if tokens > plan.config.text_len:
-        raise SftoolsError(f"the prompt has {tokens} tokens; the model takes {plan.config.text_len} (its text_len)")
+    used = [("prompt_embeds", "--prompt", context)]
+    if negative is not None and settings.cfg != 1:  # the sampler ignores the negative at cfg 1
+        used.append(("negative_prompt_embeds", "--negative-prompt", negative))
+    for key, option, embeds in used:
+        tokens = prompt_tokens(embeds)
+        if tokens > plan.config.text_len:
+            what = f"{prompt.embeds_file}: {key}" if prompt.embeds_file else option
+            raise SftoolsError(f"{what} has {tokens} tokens; {model_path} takes {plan.config.text_len} (its text_len)")
     if settings.cfg != 1 and negative is None:
         raise SettingsError("--cfg other than 1 needs --negative-prompt or negative_prompt_embeds")
 
@@ -145,7 +150,7 @@ def sample_to_file(model_path: str, output: str, settings: SampleSettings, promp
     if control is not None:  # before the text encoder: a clip that does not fit costs no encoding
         vace_context = build_context(control, settings, vae, device).fitted(settings, plan.config.vace_in_dim)
     context, negative = prompt_embeddings(prompt, device, dtype)
-    check_embeddings(plan, settings, context, negative)
+    check_embeddings(model_path, plan, settings, prompt, context, negative)
     report = SampleReport(model_path, output, settings.frames, settings.latent_frames,
                           settings=dataclasses.asdict(settings))
     if control is not None:

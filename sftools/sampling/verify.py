@@ -91,8 +91,8 @@ def verify(reference: str, candidate: str, settings: SampleSettings, prompt: Pro
         built = build_context(control, settings, vae, device)
         contexts = [built.fitted(settings, plan.config.vace_in_dim) for plan in plans]
     context, negative = prompt_embeddings(prompt, device, dtype)
-    for plan in plans:
-        check_embeddings(plan, settings, context, negative)
+    for (path, _, _), plan in zip(sides, plans):
+        check_embeddings(path, plan, settings, prompt, context, negative)
     runs = [generate(plan, settings, context, negative, noise_file=noise_file, device=device, dtype=dtype,
                      control=vace_context) for plan, vace_context in zip(plans, contexts)]
     if vae:

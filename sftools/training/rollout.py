@@ -18,7 +18,6 @@ from sftools.models.causal_wan import CausalWanModel
 from sftools.models.kv_cache import CacheSpec
 from sftools.sampling.causal import pad_context
 from sftools.sampling.schedules import Step, training_grid
-from sftools.sampling.settings import TEXT_LEN
 
 
 def exit_step(steps: int, seed: int, iteration: int) -> int:
@@ -30,15 +29,14 @@ def exit_step(steps: int, seed: int, iteration: int) -> int:
 
 def rollout(model: CausalWanModel, context: torch.Tensor, schedule: list[Step], shape: tuple[int, ...],
             frames_per_block: int, exit_at: int, generator: torch.Generator, shift: float,
-            truth: torch.Tensor | None = None, control: torch.Tensor | None = None,
-            text_len: int = TEXT_LEN) -> torch.Tensor:
+            *, text_len: int, truth: torch.Tensor | None = None, control: torch.Tensor | None = None) -> torch.Tensor:
     """The generated latents [B, C, T, h, w], differentiable only through each block's exit step.
     `generator` draws every noise (on the CPU, so runs repeat across devices). With `truth` (a
     teacher's video of the same shape) the cache is refreshed from it instead of from the
     generator's own blocks: teacher forcing, everything else the same. A VACE model takes each
     block's frames of `control` (the VACE context, [B, 96, T, h, w]) in every call on that block,
     its refresh included. `text_len` is the model's (`WanConfig.text_len`): the rows `context` is
-    padded to."""
+    padded to (no default: a wrong one would run, padded like another model)."""
     weight = model.transformer.patch_embedding.weight  # the model's dtype (norms stay fp32)
     device, dtype = weight.device, weight.dtype
     batch, channels, frames, h, w = shape

@@ -49,7 +49,7 @@ from sftools.errors import SettingsError, SftoolsError
 from sftools.io.output import progress
 from sftools.lora.forms import read_lora_file, write_lora
 from sftools.models.causal_wan import CausalWanModel
-from sftools.sampling.causal import pad_context
+from sftools.sampling.causal import pad_context, prompt_tokens
 from sftools.sampling.load import load_transformer, plan_model
 from sftools.sampling.noise import keyed_generator
 from sftools.sampling.schedules import few_step_schedule
@@ -218,7 +218,13 @@ class Trainer:
         if teacher == SYNTHETIC_TEACHER:
             v = self.recipe.video
             return synthetic_teacher(self.config.out_dim, v.height // 8, v.width // 8, self.config.text_dim).to(self.device)
-        return load_transformer(teacher, device=self.device)[0] if teacher else None
+        if not teacher:
+            return None
+        model, config = load_transformer(teacher, device=self.device)
+        if config.text_len != self.config.text_len:  # it is given the base's padded prompts
+            raise SettingsError(f"model.teacher {teacher}: attends over {config.text_len} context rows (its text_len); "
+                                f"the base over {self.config.text_len}")
+        return model
 
     def _prompt_embeddings(self, text_encoder: str | None) -> tuple[list[torch.Tensor], torch.Tensor]:
         """umT5 embeddings of every prompt, computed once into `cache/` (trimmed of padding), so the
@@ -241,15 +247,15 @@ class Trainer:
 
         tensors = self._cached(cache, key, encode)
         embeds = [tensors[f"prompt.{i}"] for i in range(len(prompts))]
-        rows = self.config.text_len
-        for i, tokens in enumerate(len(e) for e in embeds):
-            if tokens > rows:
-                raise SettingsError(f"{d.prompts or 'the built-in prompts'}: prompt {i + 1} has {tokens} tokens; "
-                                    f"the model takes {rows} (its text_len)")
-        if len(tensors["negative"]) > rows:
-            raise SettingsError(f"data.negative_prompt has {len(tensors['negative'])} tokens; the model takes {rows} "
-                                "(its text_len)")
+        self._check_prompt_lengths(prompts, embeds, tensors["negative"])
         return embeds, tensors["negative"]
+
+    def _check_prompt_lengths(self, prompts: list[str], embeds: list[torch.Tensor], negative: torch.Tensor) -> None:
+        rows, source = self.config.text_len, self.recipe.data.prompts or "the built-in prompts"
+        named = [(f"{source}: {prompt[:40]!r}", e) for prompt, e in zip(prompts, embeds)]
+        for what, e in [*named, ("data.negative_prompt", negative)]:
+            if len(e) > rows:
+                raise SettingsError(f"{what} has {len(e)} tokens; the model takes {rows} (its text_len)")
 
     def _cached(self, path: str, key: str, compute: Callable[[], dict[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
         """Tensors the main process computes once into `path` (atomically, tagged with `key`, recomputed
@@ -571,8 +577,7 @@ def _like(param: torch.Tensor, whole: torch.Tensor) -> torch.Tensor:
 
 def _trim(embeds: torch.Tensor) -> torch.Tensor:
     """Drop the zero rows umT5 padding added at the end (pad_context puts them back)."""
-    rows = (embeds.abs().sum(-1) > 0).nonzero()
-    return embeds[: int(rows[-1]) + 1 if rows.numel() else 1].contiguous()
+    return embeds[:max(prompt_tokens(embeds[None]), 1)].contiguous()
 
 
 def _cache_matches(path: str, key: str) -> bool:

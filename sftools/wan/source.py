@@ -40,7 +40,7 @@ def stored_config(ckpt: Checkpoint) -> WanConfig | None:
         config = WanConfig.from_json(text) if text else None
     except (ValueError, TypeError, AttributeError):
         return None
-    valid = config and all(isinstance(v, int) and v > 0 for v in (config.dim, config.num_heads))
+    valid = config and all(isinstance(v, int) and v > 0 for v in (config.dim, config.num_heads, config.text_len))
     return config if valid and config.dim % config.num_heads == 0 else None
 
 
