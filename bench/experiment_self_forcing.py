@@ -17,7 +17,7 @@ import sys
 import tempfile
 from dataclasses import replace
 
-from sftools.training.experiment import LORA, ExperimentResult, ExperimentSettings, run_experiment
+from sftools.training.experiment import LORA, MODEL, ExperimentResult, ExperimentSettings, run_experiment
 
 DOCS = os.path.join(os.path.dirname(__file__), "..", "docs")
 LABELS = {"base": "the base as a causal 4-step student, untrained", "ode_init": "ODE init", "teacher_forcing": "teacher forcing",
@@ -116,9 +116,9 @@ How these settings were found, and what did not work: [self_forcing_experiment_n
 (`sftools/training/synthetic.py`): each latent frame is a prompt's mean plus 4 patterns whose
 coefficients follow a stationary AR(1) process over frames (correlation 0.9, standard deviation 2)
 plus white noise (0.1). Its samples, its scores and the law of every frame are exact, at any length.
-The base is the tiny built-in Wan (2 layers, dim 256, 64 context rows instead of 512), trained in
-full for {s.base_steps} steps as a bidirectional flow-matching model on exact draws, so that it knows
-the task as Wan knows video.
+The base is the tiny built-in Wan ({MODEL.num_layers} layers, dim {MODEL.dim}, {MODEL.text_len} context rows
+instead of 512), trained in full for {s.base_steps} steps as a bidirectional flow-matching model on
+exact draws, so that it knows the task as Wan knows video.
 
 **Students.** {students}, {s.frames_per_block} latent frames a block, 4 steps: `ode_init` for
 {s.ode_steps} iterations on {s.pairs} teacher trajectories, then from that student {s.steps} iterations

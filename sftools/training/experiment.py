@@ -104,9 +104,9 @@ def pretrain_base(settings: ExperimentSettings, folder: str) -> str:
     s = settings
     write_checkpoint(folder, random_state_dict(MODEL, seed=s.seed), "diffusers", MODEL)
     write_tiny_text_encoder(folder, text_dim=MODEL.text_dim)
-    contexts = torch.cat([pad_context(encode_prompts(folder, p, None, torch.device("cpu"), torch.float32)[0],
-                                      MODEL.text_len) for p in TINY_PROMPTS])
     transformer, config = load_transformer(folder)
+    contexts = torch.cat([pad_context(encode_prompts(folder, p, None, torch.device("cpu"), torch.float32)[0],
+                                      config.text_len) for p in TINY_PROMPTS])
     transformer.requires_grad_(True)
     teacher = synthetic_teacher(config.out_dim, s.size // 8, s.size // 8, config.text_dim)
     optimizer = torch.optim.AdamW(transformer.parameters(), lr=s.lr_base, weight_decay=0.0)
@@ -152,9 +152,9 @@ def train_stage(settings: ExperimentSettings, stage: str, steps: int, workdir: s
     return trainer, outputs.get("comfyui") or outputs["model"], time.perf_counter() - began
 
 
-def evaluation_contexts(embeds: list[torch.Tensor], videos: int) -> torch.Tensor:
-    """[videos, text_len, text_dim]: the prompts in turn, padded as the sampler pads them."""
-    return torch.cat([pad_context(embeds[i % len(embeds)][None], MODEL.text_len) for i in range(videos)])
+def evaluation_contexts(embeds: list[torch.Tensor], videos: int, rows: int) -> torch.Tensor:
+    """[videos, rows, text_dim]: the prompts in turn, padded to the model's rows as the sampler pads them."""
+    return torch.cat([pad_context(embeds[i % len(embeds)][None], rows) for i in range(videos)])
 
 
 @torch.no_grad()
@@ -195,7 +195,7 @@ def run_experiment(settings: ExperimentSettings, workdir: str, on_stage=None) ->
         students[stage] = (out, None) if full else (base, out)
     config = init.config
     teacher = synthetic_teacher(config.out_dim, s.size // 8, s.size // 8, config.text_dim)
-    contexts = evaluation_contexts(init.embeds, s.videos)
+    contexts = evaluation_contexts(init.embeds, s.videos, config.text_len)
     distances = {}
     for student in STUDENTS:
         say(f"sampling {s.videos} videos of {s.eval_blocks} blocks: {student}")
