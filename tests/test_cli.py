@@ -87,6 +87,8 @@ USAGE_ERRORS = [
     ["lora", "extract", "{pt}", "{pt}", "-o", "{dir}/o.safetensors", "--report", "{dir}/o.safetensors"],
     ["lora", "extract", "{pt}", "{pt}", "-o", "{dir}/o.safetensors", "--report", "{pt}"],
     ["lora", "resize", "{pt}", "-o", "{dir}/o.safetensors"],
+    ["lora", "merge", "{pt}", "{dir}/l.safetensors:abc", "-o", "{dir}/o.safetensors"],
+    ["sample", "{pt}", "--prompt-embeds", "{pt}", "--lora", "{dir}/l.safetensors:inf", "-o", "{dir}/o.safetensors"],
 ]
 
 

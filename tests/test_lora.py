@@ -465,9 +465,9 @@ def test_a_file_without_lora_tensors_is_not_a_lora(tmp_path):
 
 
 def test_merge_strengths_must_be_finite_numbers(tmp_path):
-    with pytest.raises(SftoolsError, match="not a finite number"):
+    with pytest.raises(SettingsError, match="not a finite number"):
         parse_lora_arg(str(tmp_path / "l.safetensors") + ":inf")
-    with pytest.raises(SftoolsError, match="is not a number"):
+    with pytest.raises(SettingsError, match="is not a number"):
         parse_lora_arg(str(tmp_path / "l.safetensors") + ":abc")
 
 

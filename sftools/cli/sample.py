@@ -7,6 +7,7 @@ import functools
 import click
 
 from sftools.cli.common import JSON_OPTION, emit
+from sftools.cli.inspect_cmd import SELECT_HELP
 from sftools.io.dtypes import FLOAT_NAMES
 
 PRESET_NAMES = ("self-forcing", "causal-forcing-framewise", "lightx2v")  # sampling.settings.PRESETS, checked by a test
@@ -24,7 +25,7 @@ def _block_size(value: str | None) -> int | str | None:
 def sampling_options(command):
     """The flags every sampling command takes; explicit ones override the preset."""
     options = [
-        click.option("--select", metavar="NAME", help="Sub-dict of a training checkpoint (default generator_ema, then generator)."),
+        click.option("--select", metavar="NAME", help=SELECT_HELP),
         click.option("--prompt", help="The text prompt (needs --text-encoder)."),
         click.option("--negative-prompt", help="The negative prompt (used with --cfg other than 1)."),
         click.option("--text-encoder", metavar="DIR", help="Local Wan diffusers folder (text_encoder/ + tokenizer/) for umT5."),

@@ -8,7 +8,7 @@ import os
 import torch
 
 from sftools import __version__
-from sftools.errors import SftoolsError
+from sftools.errors import SettingsError, SftoolsError
 from sftools.io.dtypes import torch_dtype
 from sftools.io.lazy import Checkpoint, LazyTensor
 from sftools.io.output import check_output_file, write_file
@@ -28,9 +28,9 @@ def parse_lora_arg(arg: str) -> tuple[str, float]:
     try:
         strength = float(tail)
     except ValueError:
-        raise SftoolsError(f"{arg}: strength {tail!r} is not a number") from None
+        raise SettingsError(f"{arg}: strength {tail!r} is not a number") from None
     if not math.isfinite(strength):
-        raise SftoolsError(f"{arg}: strength {tail!r} is not a finite number")
+        raise SettingsError(f"{arg}: strength {tail!r} is not a finite number")
     return path, strength
 
 
