@@ -76,4 +76,12 @@ def test_a_stored_config_with_a_bad_text_len_is_ignored_for_the_shapes(tmp_path,
     save_file(random_state_dict(TINY), path, metadata={"sftools.config": json.dumps(config).replace(
         '"text_len": 512', f'"text_len": {text_len}')})
     assert stored_config(open_checkpoint(path)) is None
-    assert inspect_path(path)["kind"] == "wan2.1 t2v"
+    assert inspect_path(path)["kind"] == "wan2.1 t2v" and inspect_path(path)["config"]["text_len"] == 512
+
+
+def test_inspect_reports_the_context_rows_a_stored_config_gives(tmp_path):
+    from dataclasses import replace
+
+    config = replace(TINY, text_len=64)
+    path = write_checkpoint(str(tmp_path / "short.safetensors"), random_state_dict(config), "original", config)
+    assert inspect_path(path)["config"]["text_len"] == 64

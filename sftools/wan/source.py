@@ -7,6 +7,8 @@ arrive as the same named lazy tensors.
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 from sftools.errors import SftoolsError
 from sftools.io.lazy import Checkpoint
 from sftools.io.sources import open_checkpoint
@@ -49,7 +51,10 @@ def describe(ckpt: Checkpoint, expert: str | None = None) -> Description:
     may say which Wan 2.2 A14B expert it holds, unless `expert` is known already)."""
     stored = stored_config(ckpt)
     shapes = {n: t.shape for n, t in ckpt.tensors.items()}
-    return describe_weights(shapes, stored.num_heads if stored else None, ckpt.path, expert)
+    description = describe_weights(shapes, stored.num_heads if stored else None, ckpt.path, expert)
+    if stored and description.config is not None:  # the other fact no shape holds: the rows it attends over
+        description = replace(description, config=replace(description.config, text_len=stored.text_len))
+    return description
 
 
 def model_config(ckpt: Checkpoint) -> WanConfig:

@@ -203,7 +203,7 @@ def fit(base_path: str, base: Checkpoint, addon: AddOn, module_path: str, replac
     # The weights hold no head count: the base's config, else the add-on's, else ComfyUI's dim / 128.
     heads = stored.num_heads if stored else addon.facts.num_heads or config.num_heads
     return own, replace(config, model_type="vace", num_heads=heads, vace_layers=layers,
-                        vace_in_dim=addon.config.vace_in_dim, text_len=stored.text_len if stored else config.text_len)
+                        vace_in_dim=addon.config.vace_in_dim)
 
 
 def _t2v_config(path: str, base: Checkpoint) -> WanConfig:
