@@ -24,16 +24,6 @@ LABELS = {"base": "the base as a causal 4-step student, untrained", "ode_init": 
           "self_forcing": "Self Forcing", "teacher samples": "exact draws of the law (floor)"}
 
 
-def within(result: ExperimentResult, student: str) -> float:
-    values = result.distances[student][:result.settings.trained_blocks]
-    return sum(values) / len(values)
-
-
-def beyond(result: ExperimentResult, student: str) -> float:
-    values = result.distances[student][result.settings.trained_blocks:]
-    return sum(values) / len(values)
-
-
 def block_table(result: ExperimentResult) -> str:
     blocks = len(next(iter(result.distances.values())))
     trained = result.settings.trained_blocks
@@ -41,7 +31,7 @@ def block_table(result: ExperimentResult) -> str:
     rows = [head + " | within | beyond | beyond / within |", "|" + "---|" * (blocks + 4)]
     for name, values in result.distances.items():
         rows.append(f"| {LABELS[name]} | " + " | ".join(f"{v:.2f}" for v in values)
-                    + f" | {within(result, name):.2f} | {beyond(result, name):.2f} | {result.drift(name):.2f} |")
+                    + f" | {result.within(name):.2f} | {result.beyond(name):.2f} | {result.drift(name):.2f} |")
     return "\n".join(rows)
 
 
@@ -49,8 +39,8 @@ def seed_table(results: list[ExperimentResult]) -> str:
     rows = ["| seed | ODE init | teacher forcing | Self Forcing | Self Forcing beyond, against teacher forcing |",
             "|---|---|---|---|---|"]
     for r in results:
-        cells = [f"{within(r, s):.2f} / {beyond(r, s):.2f}" for s in ("ode_init", "teacher_forcing", "self_forcing")]
-        change = beyond(r, "self_forcing") / beyond(r, "teacher_forcing") - 1
+        cells = [f"{r.within(s):.2f} / {r.beyond(s):.2f}" for s in ("ode_init", "teacher_forcing", "self_forcing")]
+        change = r.beyond("self_forcing") / r.beyond("teacher_forcing") - 1
         rows.append(f"| {r.settings.seed} | " + " | ".join(cells) + f" | {change:+.0%} |")
     return "\n".join(rows)
 
@@ -61,13 +51,13 @@ def summary(results: list[ExperimentResult]) -> str:
 
     return "\n".join([
         f"- Beyond the trained length, Self Forcing is below teacher forcing in "
-        f"{count(lambda r: beyond(r, 'self_forcing') < beyond(r, 'teacher_forcing'))}, and its error grows "
+        f"{count(lambda r: r.beyond('self_forcing') < r.beyond('teacher_forcing'))}, and its error grows "
         f"less (beyond / within) in {count(lambda r: r.drift('self_forcing') < r.drift('teacher_forcing'))}.",
         f"- Within it, Self Forcing is closer to the law than its ODE init in "
-        f"{count(lambda r: within(r, 'self_forcing') < within(r, 'ode_init'))}, teacher forcing in "
-        f"{count(lambda r: within(r, 'teacher_forcing') < within(r, 'ode_init'))}.",
+        f"{count(lambda r: r.within('self_forcing') < r.within('ode_init'))}, teacher forcing in "
+        f"{count(lambda r: r.within('teacher_forcing') < r.within('ode_init'))}.",
         f"- Beyond it, the ODE init is below Self Forcing in "
-        f"{count(lambda r: beyond(r, 'ode_init') < beyond(r, 'self_forcing'))}: DMD on two-block videos fits "
+        f"{count(lambda r: r.beyond('ode_init') < r.beyond('self_forcing'))}: DMD on two-block videos fits "
         "them better than the regression does and pays some of that back in drift.",
     ])
 

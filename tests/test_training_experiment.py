@@ -17,15 +17,6 @@ def result(tmp_path_factory):
     return run_experiment(SETTINGS, str(tmp_path_factory.mktemp("experiment")))
 
 
-def within(result, student: str) -> float:
-    return sum(result.distances[student][:SETTINGS.trained_blocks]) / SETTINGS.trained_blocks
-
-
-def beyond(result, student: str) -> float:
-    distances = result.distances[student][SETTINGS.trained_blocks:]
-    return sum(distances) / len(distances)
-
-
 def test_every_student_and_the_floor_are_scored_on_every_block(result):
     assert set(result.distances) == {"base", "ode_init", "teacher_forcing", "self_forcing", "teacher samples"}
     assert all(len(d) == SETTINGS.eval_blocks for d in result.distances.values())
@@ -35,15 +26,15 @@ def test_every_student_and_the_floor_are_scored_on_every_block(result):
 
 
 def test_ode_regression_moves_the_causal_student_toward_the_teachers_law(result):
-    assert within(result, "ode_init") < 0.9 * within(result, "base")
+    assert result.within("ode_init") < 0.9 * result.within("base")
 
 
 def test_self_forcing_moves_the_student_closer_to_the_law_than_its_ode_init_within_the_trained_length(result):
-    assert within(result, "self_forcing") < within(result, "ode_init")
+    assert result.within("self_forcing") < result.within("ode_init")
 
 
 def test_self_forcing_accumulates_less_error_than_teacher_forcing_beyond_the_trained_length(result):
     # Seed 0: 3.80 against 5.94 on two threads, 4.13 against 6.74 on one (training is chaotic, so float
     # order matters). docs/self_forcing_experiment.md gives every seed's figures: one in four ties.
-    assert beyond(result, "self_forcing") < 0.85 * beyond(result, "teacher_forcing")
+    assert result.beyond("self_forcing") < 0.85 * result.beyond("teacher_forcing")
     assert result.drift("self_forcing") < result.drift("teacher_forcing")

@@ -91,11 +91,19 @@ class ExperimentResult:
     distances: dict[str, list[float]]  # student (and "teacher samples") -> distance per evaluation block
     seconds: dict[str, float]  # training seconds per stage
 
+    def within(self, student: str) -> float:
+        """The student's mean distance over the blocks of the trained length."""
+        d = self.distances[student][:self.settings.trained_blocks]
+        return sum(d) / len(d)
+
+    def beyond(self, student: str) -> float:
+        """The student's mean distance over the blocks past the trained length."""
+        d = self.distances[student][self.settings.trained_blocks:]
+        return sum(d) / len(d)
+
     def drift(self, student: str) -> float:
-        """How much worse the student's blocks beyond the training length are than those within it
-        (mean distance after / mean distance within)."""
-        d, n = self.distances[student], self.settings.trained_blocks
-        return (sum(d[n:]) / len(d[n:])) / (sum(d[:n]) / n)
+        """How much worse the student's blocks beyond the training length are than those within it."""
+        return self.beyond(student) / self.within(student)
 
 
 def pretrain_base(settings: ExperimentSettings, folder: str) -> str:

@@ -220,11 +220,11 @@ class Trainer:
             return synthetic_teacher(self.config.out_dim, v.height // 8, v.width // 8, self.config.text_dim).to(self.device)
         if not teacher:
             return None
-        model, config = load_transformer(teacher, device=self.device)
-        if config.text_len != self.config.text_len:  # it is given the base's padded prompts
-            raise SettingsError(f"model.teacher {teacher}: attends over {config.text_len} context rows (its text_len); "
-                                f"the base over {self.config.text_len}")
-        return model
+        plan = plan_model(teacher)  # checked before a single weight is loaded
+        if plan.config.text_len != self.config.text_len:  # it is given the base's padded prompts
+            raise SettingsError(f"model.teacher {teacher}: attends over {plan.config.text_len} context rows (its "
+                                f"text_len); the base over {self.config.text_len}")
+        return load_transformer(plan, device=self.device)[0]
 
     def _prompt_embeddings(self, text_encoder: str | None) -> tuple[list[torch.Tensor], torch.Tensor]:
         """umT5 embeddings of every prompt, computed once into `cache/` (trimmed of padding), so the
